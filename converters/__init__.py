@@ -1,0 +1,53 @@
+"""The WeightConverter DSL and one spec per model family.
+
+>>> from reshard.converters import get_spec
+>>> get_spec("qwen3_moe").styles_for("model.layers.0.mlp.experts.down_proj")
+('grouped_gemm', 'moe_tp_down_rowwise')
+"""
+
+from __future__ import annotations
+
+from reshard.converters.ops import (
+    Chunk,
+    Concatenate,
+    ConversionOp,
+    Deinterleave,
+    Interleave,
+    MergeModulelist,
+    SplitModulelist,
+    Transpose,
+)
+from reshard.converters.spec import ModelSpec, WeightConverter, WeightRenaming
+
+from reshard.errors import ConversionError
+
+__all__ = [
+    "Chunk",
+    "Concatenate",
+    "ConversionOp",
+    "Deinterleave",
+    "Interleave",
+    "MergeModulelist",
+    "ModelSpec",
+    "SplitModulelist",
+    "Transpose",
+    "WeightConverter",
+    "WeightRenaming",
+    "get_spec",
+]
+
+
+def _registry() -> dict[str, ModelSpec]:
+    from reshard.converters import qwen3_moe
+
+    return {spec.model_type: spec for spec in (qwen3_moe.SPEC,)}
+
+
+def get_spec(model_type: str) -> ModelSpec:
+    """The spec for a config's `model_type`; raise ConversionError naming the known ones."""
+    specs = _registry()
+    if model_type not in specs:
+        raise ConversionError(
+            f"model_type {model_type!r} is not supported; supported: {', '.join(sorted(specs))}"
+        )
+    return specs[model_type]

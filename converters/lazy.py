@@ -1,0 +1,329 @@
+"""Lazy tensors with slice pushdown: the engine under every conversion.
+
+A target tensor is an expression over source tensors. Reading a box of it
+(one contiguous [start, stop) range per dim) pushes the box back through the
+ops to the smallest boxes of the sources, which are read with
+`safe_open(...).get_slice(...)`. So a rank reads only its own bytes and no
+full model or full fused tensor is ever built.
+
+    >>> t = Stack([a, b], dim=0)          # a, b: SourceTensor [I, H]
+    >>> t.read(((1, 2), (0, 4), (0, H)))  # reads rows 0-3 of b only
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from reshard.errors import SourceError
+from reshard.placements import Selection
+
+Box = tuple[tuple[int, int], ...]  # one [start, stop) per dim
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+
+
+class LazyTensor:
+    """A tensor known by shape and dtype, read box by box."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    def read(self, box: Box) -> torch.Tensor:
+        raise NotImplementedError
+
+    def children(self) -> Sequence[LazyTensor]:
+        return ()
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def full_box(self) -> Box:
+        return tuple((0, s) for s in self.shape)
+
+    def materialize(self) -> torch.Tensor:
+        """The whole tensor; for tests and small tensors only."""
+        return self.read(self.full_box())
+
+    def leaves(self) -> Iterator[SourceTensor]:
+        for child in self.children():
+            yield from child.leaves()
+
+
+@dataclass
+class SliceReader:
+    """Opens safetensors files on demand and counts the bytes each read asks for.
+
+    Handles live only inside `session()`, so mmapped pages are released after
+    every target tensor and resident memory stays bounded by one output shard.
+    """
+
+    bytes_read: dict[str, int] = field(default_factory=dict)
+    _handles: dict[str, object] | None = None
+
+    @contextmanager
+    def session(self) -> Iterator[None]:
+        outer = self._handles is None
+        if outer:
+            self._handles = {}
+        try:
+            yield
+        finally:
+            if outer:
+                self._handles = None
+
+    def read(self, path: str, name: str, box: Box) -> torch.Tensor:
+        with self.session():
+            handle = self._handles.get(path)
+            if handle is None:
+                try:
+                    handle = safe_open(path, framework="pt")
+                except Exception as e:  # safetensors raises its own untyped errors
+                    raise SourceError(
+                        f"{path}: cannot read safetensors ({e}); a truncated download or a git-lfs pointer?"
+                    ) from e
+                self._handles[path] = handle
+            tensor = handle.get_slice(name)[tuple(slice(a, b) for a, b in box)]
+        self.bytes_read[path] = (
+            self.bytes_read.get(path, 0) + tensor.numel() * tensor.element_size()
+        )
+        return tensor
+
+
+@dataclass(eq=False)
+class SourceTensor(LazyTensor):
+    """A tensor stored in a safetensors file; the leaf of every expression."""
+
+    path: str
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    reader: SliceReader
+
+    def read(self, box: Box) -> torch.Tensor:
+        if any(a >= b for a, b in box):
+            return torch.empty([b - a for a, b in box], dtype=self.dtype)
+        return self.reader.read(self.path, self.name, box)
+
+    def leaves(self) -> Iterator[SourceTensor]:
+        yield self
+
+    def __repr__(self) -> str:
+        return f"SourceTensor({Path(self.path).name}:{self.name}, {list(self.shape)})"
+
+
+def _shift(box: Box, dim: int, start: int, stop: int) -> Box:
+    return box[:dim] + ((start, stop),) + box[dim + 1 :]
+
+
+class Stack(LazyTensor):
+    """`torch.stack(children, dim)`: equal-shaped tensors along a new dim."""
+
+    def __init__(self, parts: Sequence[LazyTensor], dim: int = 0):
+        shapes = {p.shape for p in parts}
+        if len(shapes) != 1:
+            raise SourceError(f"cannot stack tensors of different shapes {sorted(shapes)}: {parts}")
+        self.parts, self.dim = list(parts), dim
+        inner = parts[0].shape
+        self.shape = inner[:dim] + (len(parts),) + inner[dim:]
+        self.dtype = parts[0].dtype
+
+    def children(self) -> Sequence[LazyTensor]:
+        return self.parts
+
+    def read(self, box: Box) -> torch.Tensor:
+        inner = box[: self.dim] + box[self.dim + 1 :]
+        lo, hi = box[self.dim]
+        pieces = [self.parts[i].read(inner) for i in range(lo, hi)]
+        if not pieces:
+            return torch.empty([b - a for a, b in box], dtype=self.dtype)
+        return torch.stack(pieces, dim=self.dim)
+
+
+class Cat(LazyTensor):
+    """`torch.cat(children, dim)`."""
+
+    def __init__(self, parts: Sequence[LazyTensor], dim: int):
+        self.parts, self.dim = list(parts), dim
+        first = parts[0].shape
+        for p in parts:
+            if p.shape[:dim] + p.shape[dim + 1 :] != first[:dim] + first[dim + 1 :]:
+                raise SourceError(f"cannot concatenate {parts} along dim {dim}")
+        self.shape = first[:dim] + (sum(p.shape[dim] for p in parts),) + first[dim + 1 :]
+        self.dtype = parts[0].dtype
+
+    def children(self) -> Sequence[LazyTensor]:
+        return self.parts
+
+    def read(self, box: Box) -> torch.Tensor:
+        lo, hi = box[self.dim]
+        pieces, offset = [], 0
+        for part in self.parts:
+            size = part.shape[self.dim]
+            a, b = max(lo, offset), min(hi, offset + size)
+            if a < b:
+                pieces.append(part.read(_shift(box, self.dim, a - offset, b - offset)))
+            offset += size
+        if not pieces:
+            return torch.empty([b - a for a, b in box], dtype=self.dtype)
+        return torch.cat(pieces, dim=self.dim)
+
+
+class Narrow(LazyTensor):
+    """`child.narrow(dim, start, length)`, optionally dropping a size-1 dim (select)."""
+
+    def __init__(self, child: LazyTensor, dim: int, start: int, length: int, squeeze: bool = False):
+        self.child, self.dim, self.start, self.squeeze = child, dim, start, squeeze
+        if start + length > child.shape[dim]:
+            raise SourceError(f"cannot take [{start}, {start + length}) of dim {dim} of {child}")
+        shape = child.shape[:dim] + (length,) + child.shape[dim + 1 :]
+        if squeeze:
+            shape = shape[:dim] + shape[dim + 1 :]
+        self.shape, self.dtype = shape, child.dtype
+
+    def children(self) -> Sequence[LazyTensor]:
+        return (self.child,)
+
+    def read(self, box: Box) -> torch.Tensor:
+        if self.squeeze:
+            inner = box[: self.dim] + ((self.start, self.start + 1),) + box[self.dim :]
+            return self.child.read(inner).squeeze(self.dim)
+        lo, hi = box[self.dim]
+        return self.child.read(_shift(box, self.dim, self.start + lo, self.start + hi))
+
+
+class Transpose(LazyTensor):
+    """`child.transpose(dim0, dim1)`; the box is transposed and pushed down."""
+
+    def __init__(self, child: LazyTensor, dim0: int, dim1: int):
+        self.child = child
+        self.dim0, self.dim1 = dim0 % child.ndim, dim1 % child.ndim
+        shape = list(child.shape)
+        shape[self.dim0], shape[self.dim1] = shape[self.dim1], shape[self.dim0]
+        self.shape, self.dtype = tuple(shape), child.dtype
+
+    def children(self) -> Sequence[LazyTensor]:
+        return (self.child,)
+
+    def read(self, box: Box) -> torch.Tensor:
+        inner = list(box)
+        inner[self.dim0], inner[self.dim1] = inner[self.dim1], inner[self.dim0]
+        return self.child.read(tuple(inner)).transpose(self.dim0, self.dim1).contiguous()
+
+
+class Interleave(LazyTensor):
+    """Alternate the parts along `dim`: out[k*j + c] = parts[c][j] (GPT-OSS gate/up)."""
+
+    def __init__(self, parts: Sequence[LazyTensor], dim: int):
+        self.parts, self.dim = list(parts), dim
+        k, first = len(parts), parts[0].shape
+        if any(p.shape != first for p in parts):
+            raise SourceError(f"cannot interleave tensors of different shapes: {parts}")
+        self.shape = first[:dim] + (first[dim] * k,) + first[dim + 1 :]
+        self.dtype = parts[0].dtype
+
+    def children(self) -> Sequence[LazyTensor]:
+        return self.parts
+
+    def read(self, box: Box) -> torch.Tensor:
+        k, (lo, hi) = len(self.parts), box[self.dim]
+        j0, j1 = lo // k, -(-hi // k)  # the part rows that cover [lo, hi)
+        pieces = [p.read(_shift(box, self.dim, j0, j1)) for p in self.parts]
+        woven = torch.stack(pieces, dim=self.dim + 1).flatten(self.dim, self.dim + 1)
+        return woven.narrow(self.dim, lo - j0 * k, hi - lo)
+
+
+class Deinterleave(LazyTensor):
+    """Every k-th row of `child` along `dim`, starting at `offset` (inverse of Interleave)."""
+
+    def __init__(self, child: LazyTensor, dim: int, k: int, offset: int):
+        if child.shape[dim] % k:
+            raise SourceError(f"dim {dim} of {child} does not split into {k} interleaved parts")
+        self.child, self.dim, self.k, self.offset = child, dim, k, offset
+        self.shape = child.shape[:dim] + (child.shape[dim] // k,) + child.shape[dim + 1 :]
+        self.dtype = child.dtype
+
+    def children(self) -> Sequence[LazyTensor]:
+        return (self.child,)
+
+    def read(self, box: Box) -> torch.Tensor:
+        lo, hi = box[self.dim]
+        if lo >= hi:
+            return torch.empty([b - a for a, b in box], dtype=self.dtype)
+        # One contiguous read covering the rows we keep; the others are dropped.
+        rows = self.child.read(
+            _shift(box, self.dim, lo * self.k + self.offset, (hi - 1) * self.k + self.offset + 1)
+        )
+        index = torch.arange(0, rows.shape[self.dim], self.k)
+        return rows.index_select(self.dim, index)
+
+
+class RepeatBlocks(LazyTensor):
+    """Repeat each block of `block` rows along `dim` `repeats` times (KV heads for tp > kv heads)."""
+
+    def __init__(self, child: LazyTensor, dim: int, block: int, repeats: int):
+        self.child, self.dim, self.block, self.repeats = child, dim, block, repeats
+        self.shape = child.shape[:dim] + (child.shape[dim] * repeats,) + child.shape[dim + 1 :]
+        self.dtype = child.dtype
+
+    def children(self) -> Sequence[LazyTensor]:
+        return (self.child,)
+
+    def read(self, box: Box) -> torch.Tensor:
+        lo, hi = box[self.dim]
+        pieces, i = [], lo
+        while i < hi:
+            out_block, within = divmod(i, self.block)
+            stop = min(hi, (out_block + 1) * self.block)
+            src = (out_block // self.repeats) * self.block + within
+            pieces.append(self.child.read(_shift(box, self.dim, src, src + stop - i)))
+            i = stop
+        if not pieces:
+            return torch.empty([b - a for a, b in box], dtype=self.dtype)
+        return torch.cat(pieces, dim=self.dim)
+
+
+class Cast(LazyTensor):
+    """`child.to(dtype)`, applied per box so no full copy is made."""
+
+    def __init__(self, child: LazyTensor, dtype: torch.dtype):
+        self.child, self.shape, self.dtype = child, child.shape, dtype
+
+    def children(self) -> Sequence[LazyTensor]:
+        return (self.child,)
+
+    def read(self, box: Box) -> torch.Tensor:
+        return self.child.read(box).to(self.dtype)
+
+
+def read_selection(tensor: LazyTensor, selection: Selection) -> torch.Tensor:
+    """Read the product of per-dim index ranges (a strided shard is several boxes)."""
+    for dim, ranges in enumerate(selection):
+        if len(ranges) > 1:
+            parts = [
+                read_selection(tensor, selection[:dim] + [[r]] + selection[dim + 1 :])
+                for r in ranges
+            ]
+            return torch.cat(parts, dim=dim)
+    box = tuple(ranges[0] if ranges else (0, 0) for ranges in selection)
+    return tensor.read(box)

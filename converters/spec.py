@@ -1,0 +1,239 @@
+"""WeightConverter, WeightRenaming and the per-family ModelSpec.
+
+Patterns are key suffixes; `*` matches a module-list index. A converter whose
+source patterns have one `*` more than its targets merges a module list (and
+its reverse splits one), so
+
+    WeightConverter(
+        ["mlp.experts.*.gate_proj.weight", "mlp.experts.*.up_proj.weight"],
+        "mlp.experts.gate_up_proj",
+        [MergeModulelist(dim=0), Concatenate(dim=1)],
+    )
+
+turns `model.layers.3.mlp.experts.{0..E-1}.{gate,up}_proj.weight` into
+`model.layers.3.mlp.experts.gate_up_proj [E, 2I, H]`, lazily.
+
+Conversion is total: every source key is converted, renamed, kept under its
+own name (when the model has that parameter) or dropped on purpose; anything
+else is an error listing the keys.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from reshard.converters.lazy import LazyTensor
+from reshard.converters.ops import ConversionOp, Groups
+
+from reshard.errors import ConversionError
+
+
+def _listing(keys: list[str], limit: int = 8) -> str:
+    keys = sorted(keys)
+    more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def _pattern_regex(pattern: str) -> re.Pattern:
+    body = r"(\d+)".join(re.escape(part) for part in pattern.split("*"))
+    return re.compile(rf"^(?P<prefix>(?:.*\.)?){body}$")
+
+
+def _fill(pattern: str, indices: tuple[str, ...]) -> str:
+    parts = pattern.split("*")
+    out = parts[0]
+    for index, part in zip(indices, parts[1:]):
+        out += index + part
+    return out
+
+
+@dataclass(frozen=True)
+class WeightRenaming:
+    """Rename keys by regex substitution (`block_sparse_moe.` -> `mlp.`)."""
+
+    source: str
+    target: str
+
+    def apply(self, name: str) -> str:
+        return re.sub(self.source, self.target, name)
+
+    def reversed(self) -> WeightRenaming:
+        return WeightRenaming(re.escape(self.target), self.source.replace("\\", ""))
+
+
+@dataclass(frozen=True)
+class WeightConverter:
+    """Many source tensors -> many target tensors through a chain of ops."""
+
+    source_patterns: tuple[str, ...] | list[str] | str
+    target_patterns: tuple[str, ...] | list[str] | str
+    operations: tuple[ConversionOp, ...] | list[ConversionOp] = ()
+
+    def __post_init__(self):
+        for name in ("source_patterns", "target_patterns"):
+            value = getattr(self, name)
+            object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
+        object.__setattr__(self, "operations", tuple(self.operations))
+        stars = {p.count("*") for p in self.source_patterns} | {
+            p.count("*") for p in self.target_patterns
+        }
+        if max(stars) - min(stars) > 1:
+            raise ValueError(f"{self}: source and target patterns differ by more than one '*'")
+
+    @property
+    def _list_in_source(self) -> bool:
+        return self.source_patterns[0].count("*") > self.target_patterns[0].count("*")
+
+    @property
+    def _list_in_target(self) -> bool:
+        return self.target_patterns[0].count("*") > self.source_patterns[0].count("*")
+
+    def reversed(self) -> WeightConverter:
+        """The converter that undoes this one (target names back to source names)."""
+        ops, n = [], len(self.source_patterns)
+        for op in self.operations:
+            ops.append(op.inverse(n))
+            n = op.out_groups(n)
+        return WeightConverter(self.target_patterns, self.source_patterns, list(reversed(ops)))
+
+    def convert(self, tensors: Mapping[str, LazyTensor]) -> tuple[dict[str, LazyTensor], set[str]]:
+        """Apply to every match in `tensors`; return the new tensors and the keys consumed."""
+        matches: dict[tuple[str, tuple[str, ...]], list[dict[int, str]]] = {}
+        regexes = [_pattern_regex(p) for p in self.source_patterns]
+        for key in tensors:
+            for i, regex in enumerate(regexes):
+                m = regex.match(key)
+                if not m:
+                    continue
+                indices = m.groups()[1:]
+                list_index = int(indices[-1]) if self._list_in_source else 0
+                shared = indices[:-1] if self._list_in_source else indices
+                slots = matches.setdefault((m["prefix"], shared), [{} for _ in regexes])
+                slots[i][list_index] = key
+        out, used = {}, set()
+        for (prefix, shared), slots in sorted(matches.items()):
+            groups: Groups = []
+            for pattern, slot in zip(self.source_patterns, slots):
+                if sorted(slot) != list(range(len(slot))) or not slot:
+                    raise ConversionError(
+                        f"{prefix}{pattern}: expected members 0..{max(slot, default=-1)}, found {sorted(slot)}"
+                    )
+                groups.append([tensors[slot[j]] for j in range(len(slot))])
+                used.update(slot.values())
+            for op in self.operations:
+                groups = op.apply(groups)
+            if len(groups) != len(self.target_patterns):
+                raise ConversionError(
+                    f"{self}: produced {len(groups)} groups for {len(self.target_patterns)} target patterns"
+                )
+            for pattern, group in zip(self.target_patterns, groups):
+                if self._list_in_target:
+                    for j, t in enumerate(group):
+                        out[prefix + _fill(pattern, (*shared, str(j)))] = t
+                else:
+                    (t,) = group
+                    out[prefix + _fill(pattern, shared)] = t
+        return out, used
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSpec:
+    """Everything reshard knows about one model family, as data.
+
+    Attributes:
+        model_type: the `model_type` of the HF config this spec reads.
+        renamings / converters: source (HF) names -> target (transformers v5 parameter) names.
+        ignore: globs of source keys dropped on purpose (e.g. rotary caches).
+        plan: glob on the target name -> parallel style(s) (see reshard.plan.STYLES).
+        kv_params: globs of k/v projections whose heads replicate when tp > kv heads.
+        model_args: config.json dict -> the runtime's ModelArgs (validated).
+        model: ModelArgs -> the runtime's single-device model; its `named_parameters()`
+            are the target names and shapes, so there is one copy of that knowledge.
+    """
+
+    model_type: str
+    renamings: tuple[WeightRenaming, ...] = ()
+    converters: tuple[WeightConverter, ...] = ()
+    ignore: tuple[str, ...] = ()
+    plan: Mapping[str, str | tuple[str, ...]] = field(default_factory=dict)
+    kv_params: tuple[str, ...] = ()
+    model_args: Callable[[dict], Any]
+    model: Callable[[Any], torch.nn.Module]
+
+    def target_shapes(self, config: dict) -> dict[str, tuple[int, ...]]:
+        """Global shape of every model parameter, from the model built on the meta device."""
+        with torch.device("meta"):
+            model = self.model(self.model_args(config))
+        return {name: tuple(p.shape) for name, p in model.named_parameters()}
+
+    def styles_for(self, name: str) -> tuple[str, ...]:
+        """The plan's styles for target parameter `name` (first matching glob wins)."""
+        for glob, styles in self.plan.items():
+            if fnmatch.fnmatchcase(name, glob):
+                return (styles,) if isinstance(styles, str) else tuple(styles)
+        raise ConversionError(f"{self.model_type}: no plan entry matches parameter {name}")
+
+    def to_targets(self, sources: Mapping[str, LazyTensor], config: dict) -> dict[str, LazyTensor]:
+        """Source tensors (HF names) -> target tensors (parameter names), checked for totality."""
+        tensors = dict(sources)
+        for renaming in self.renamings:
+            tensors = {renaming.apply(k): v for k, v in tensors.items()}
+        expected = self.target_shapes(config)
+        targets, used = {}, set()
+        for converter in self.converters:
+            produced, consumed = converter.convert(
+                {k: v for k, v in tensors.items() if k not in used}
+            )
+            targets.update(produced)
+            used |= consumed
+        for key, tensor in tensors.items():
+            if key in used or any(fnmatch.fnmatchcase(key, g) for g in self.ignore):
+                continue
+            if key not in expected:
+                continue  # reported below as unmapped
+            targets[key] = tensor
+            used.add(key)
+        unmapped = [
+            k
+            for k in tensors
+            if k not in used and not any(fnmatch.fnmatchcase(k, g) for g in self.ignore)
+        ]
+        if unmapped:
+            raise ConversionError(
+                f"{self.model_type}: source keys no converter maps: {_listing(unmapped)}"
+            )
+        missing = [k for k in expected if k not in targets]
+        if missing:
+            raise ConversionError(
+                f"{self.model_type}: the source has no tensors for: {_listing(missing)}"
+            )
+        extra = [k for k in targets if k not in expected]
+        if extra:
+            raise ConversionError(
+                f"{self.model_type}: converters made unexpected tensors: {_listing(extra)}"
+            )
+        for name, shape in expected.items():
+            if tuple(targets[name].shape) != tuple(shape):
+                raise ConversionError(
+                    f"{name}: shape {list(targets[name].shape)} from the source, the config says {list(shape)}"
+                )
+        return {name: targets[name] for name in expected}
+
+    def to_sources(self, targets: Mapping[str, LazyTensor]) -> dict[str, LazyTensor]:
+        """Target tensors back to HF names: every converter read backwards."""
+        tensors, used = {}, set()
+        for converter in self.converters:
+            produced, consumed = converter.reversed().convert(
+                {k: v for k, v in targets.items() if k not in used}
+            )
+            tensors.update(produced)
+            used |= consumed
+        tensors.update({k: v for k, v in targets.items() if k not in used})
+        for renaming in reversed(self.renamings):
+            tensors = {renaming.reversed().apply(k): v for k, v in tensors.items()}
+        return tensors

@@ -1,0 +1,180 @@
+"""Placements and the exact index math of PyTorch DTensor, without a process group.
+
+A placement says how one mesh dim splits a tensor. The math here reproduces
+`distribute_tensor(t, mesh, placements).to_local()` for every rank:
+
+- `Shard(d)`: torch.chunk semantics. chunk = ceil(S / n); rank r gets
+  `[r * chunk, min(S, (r + 1) * chunk))`, possibly empty (S=10, n=4 -> 3,3,3,1).
+- `StridedShard(d, k)` (DTensor's `_StridedShard(d, split_factor=k)`): view dim d
+  as k equal blocks, chunk each block n ways, rank r takes piece r of every block.
+  For a fused gate_up `[E, 2I, H]` with k=2 that is `[gate_r; up_r]`.
+- Several mesh dims on the same tensor dim compose outer to inner: the inner
+  placement splits what the outer one left.
+
+A rank's part of one tensor dim is an ordered list of index ranges (`Ranges`);
+the part of the tensor is their product (`Selection`).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+from reshard.errors import LayoutError
+
+Ranges = list[tuple[int, int]]  # ordered, half-open [start, stop) intervals on one dim
+Selection = list[Ranges]  # one Ranges per tensor dim
+
+
+@dataclass(frozen=True)
+class Replicate:
+    def __str__(self) -> str:
+        return "Replicate()"
+
+
+@dataclass(frozen=True)
+class Shard:
+    dim: int
+
+    def __str__(self) -> str:
+        return f"Shard({self.dim})"
+
+
+@dataclass(frozen=True)
+class StridedShard:
+    dim: int
+    split_factor: int
+
+    def __str__(self) -> str:
+        return f"_StridedShard({self.dim}, split_factor={self.split_factor})"
+
+
+Placement = Replicate | Shard | StridedShard
+
+_PATTERNS = [
+    (re.compile(r"^Replicate\(\)$"), lambda m: Replicate()),
+    (re.compile(r"^Shard\((-?\d+)\)$"), lambda m: Shard(int(m[1]))),
+    (
+        re.compile(r"^_StridedShard\((-?\d+), split_factor=(\d+)\)$"),
+        lambda m: StridedShard(int(m[1]), int(m[2])),
+    ),
+]
+
+
+def parse_placement(text: str) -> Placement:
+    """Inverse of `str(placement)`: `parse_placement("Shard(0)") == Shard(0)`."""
+    for pattern, build in _PATTERNS:
+        match = pattern.match(text.strip())
+        if match:
+            return build(match)
+    raise ValueError(f"unknown placement {text!r}")
+
+
+def normalize(placement: Placement, ndim: int) -> Placement:
+    """Resolve a negative tensor dim against `ndim` (`Shard(-1)` of a 3-D tensor is `Shard(2)`)."""
+    if isinstance(placement, Replicate):
+        return placement
+    dim = placement.dim + ndim if placement.dim < 0 else placement.dim
+    if not 0 <= dim < ndim:
+        raise ValueError(f"{placement} does not fit a {ndim}-D tensor")
+    if isinstance(placement, Shard):
+        return Shard(dim)
+    return StridedShard(dim, placement.split_factor)
+
+
+def to_torch(placement: Placement):
+    """The torch.distributed.tensor placement object for `placement`."""
+    from torch.distributed.tensor import Replicate as TReplicate
+    from torch.distributed.tensor import Shard as TShard
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    if isinstance(placement, Shard):
+        return TShard(placement.dim)
+    if isinstance(placement, StridedShard):
+        return _StridedShard(placement.dim, split_factor=placement.split_factor)
+    return TReplicate()
+
+
+def _take(ranges: Ranges, start: int, stop: int) -> Ranges:
+    """Positions [start, stop) of the index list that `ranges` spells out, as ranges."""
+    out: Ranges = []
+    offset = 0
+    for lo, hi in ranges:
+        length = hi - lo
+        a, b = max(start, offset), min(stop, offset + length)
+        if a < b:
+            a, b = lo + a - offset, lo + b - offset
+            if out and out[-1][1] == a:
+                out[-1] = (out[-1][0], b)
+            else:
+                out.append((a, b))
+        offset += length
+    return out
+
+
+def _length(ranges: Ranges) -> int:
+    return sum(hi - lo for lo, hi in ranges)
+
+
+def split_ranges(
+    ranges: Ranges, placement: Placement, n: int, r: int, *, what: str = "tensor"
+) -> Ranges:
+    """Rank r's part (of n) of one tensor dim under `placement`."""
+    size = _length(ranges)
+    if isinstance(placement, Shard):
+        chunk = math.ceil(size / n) if size else 0
+        return _take(ranges, min(size, r * chunk), min(size, (r + 1) * chunk))
+    if isinstance(placement, StridedShard):
+        k = placement.split_factor
+        if size % (k * n):
+            # DTensor refuses uneven strided shards; so do we.
+            raise LayoutError(
+                f"{what}: dim {placement.dim} of size {size} cannot be split into "
+                f"{k} blocks x {n} ranks evenly ({placement})"
+            )
+        block, piece = size // k, size // (k * n)
+        out: Ranges = []
+        for b in range(k):
+            for lo, hi in _take(ranges, b * block + r * piece, b * block + (r + 1) * piece):
+                if out and out[-1][1] == lo:
+                    out[-1] = (out[-1][0], hi)
+                else:
+                    out.append((lo, hi))
+        return out
+    return ranges
+
+
+def local_selection(
+    shape: tuple[int, ...],
+    placements: tuple[Placement, ...],
+    mesh_shape: tuple[int, ...],
+    coords: tuple[int, ...],
+    *,
+    what: str = "tensor",
+) -> Selection:
+    """The index ranges, per tensor dim, that the rank at `coords` holds.
+
+    Args:
+        shape: global tensor shape.
+        placements: one placement per mesh dim, outer to inner.
+        mesh_shape, coords: mesh sizes and this rank's coordinates, same order.
+    Returns:
+        One ordered list of [start, stop) ranges per tensor dim.
+
+    >>> local_selection((10,), (Shard(0),), (4,), (3,))
+    [[(9, 10)]]
+    """
+    selection: Selection = [[(0, s)] for s in shape]
+    for placement, n, r in zip(placements, mesh_shape, coords):
+        placement = normalize(placement, len(shape))
+        if isinstance(placement, Replicate):
+            continue
+        selection[placement.dim] = split_ranges(
+            selection[placement.dim], placement, n, r, what=what
+        )
+    return selection
+
+
+def selection_shape(selection: Selection) -> tuple[int, ...]:
+    return tuple(_length(ranges) for ranges in selection)

@@ -1,0 +1,194 @@
+"""`tiny:qwen3_moe`: a built-in, deterministic tiny Qwen3-MoE checkpoint.
+
+Written in the Hugging Face layout (per-expert tensors, two safetensors files
+with an index, config.json, a byte-level BPE tokenizer.json trained with the
+`tokenizers` library, a chat template), so every code path of a real
+checkpoint runs on a fresh machine with no network. Sized so every layout up
+to 16 ranks fits: 16 experts, 8 query / 4 kv heads, vocab 384.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+TINY_VERSION = 1
+
+TINY_CONFIGS = {
+    "qwen3_moe": {
+        "architectures": ["Qwen3MoeForCausalLM"],
+        "model_type": "qwen3_moe",
+        "vocab_size": 384,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "moe_intermediate_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 4,
+        "head_dim": 16,
+        "num_experts": 16,
+        "num_experts_per_tok": 4,
+        "norm_topk_prob": True,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+        "hidden_act": "silu",
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0,
+        "max_position_embeddings": 512,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "tie_word_embeddings": False,
+        "use_sliding_window": False,
+        "sliding_window": None,
+        "bos_token_id": None,
+        "eos_token_id": 1,
+        "pad_token_id": 0,
+        "torch_dtype": "float32",
+        "router_aux_loss_coef": 0.001,
+        "output_router_logits": False,
+    }
+}
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_end|>", "<|im_start|>"]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CORPUS = """The sky is blue because air scatters short blue wavelengths of sunlight more than red ones.
+Mixture-of-experts models route each token to a few experts chosen by a learned router.
+Tensor parallelism splits each weight matrix across ranks; expert parallelism splits the experts.
+Why is the sky blue? Rayleigh scattering. Why is the sea blue? It reflects the sky and absorbs red light.
+Every rank reads only its own shard, so nobody reads sixty gigabytes to keep four.
+"""
+
+
+def _tokenizer_json() -> str:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_CONFIGS["qwen3_moe"]["vocab_size"],
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(CORPUS.splitlines(), trainer=trainer)
+    return tokenizer.to_str()
+
+
+def _weights(config: dict, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Per-expert HF-named fp32 weights drawn from one seeded generator (deterministic)."""
+    g = torch.Generator().manual_seed(seed)
+    H, V, hd = config["hidden_size"], config["vocab_size"], config["head_dim"]
+    nh, nkv, E, I = (
+        config[k]
+        for k in (
+            "num_attention_heads",
+            "num_key_value_heads",
+            "num_experts",
+            "moe_intermediate_size",
+        )
+    )
+
+    def rand(*shape: int, std: float = 0.08) -> torch.Tensor:
+        return torch.randn(*shape, generator=g) * std
+
+    def norm(n: int) -> torch.Tensor:
+        return 1.0 + rand(n, std=0.1)
+
+    w = {"model.embed_tokens.weight": rand(V, H, std=0.5)}
+    for layer in range(config["num_hidden_layers"]):
+        p = f"model.layers.{layer}."
+        w[p + "input_layernorm.weight"] = norm(H)
+        w[p + "post_attention_layernorm.weight"] = norm(H)
+        w[p + "self_attn.q_proj.weight"] = rand(nh * hd, H)
+        w[p + "self_attn.k_proj.weight"] = rand(nkv * hd, H)
+        w[p + "self_attn.v_proj.weight"] = rand(nkv * hd, H)
+        w[p + "self_attn.o_proj.weight"] = rand(H, nh * hd)
+        w[p + "self_attn.q_norm.weight"] = norm(hd)
+        w[p + "self_attn.k_norm.weight"] = norm(hd)
+        w[p + "mlp.gate.weight"] = rand(E, H, std=0.5)
+        for e in range(E):
+            w[p + f"mlp.experts.{e}.gate_proj.weight"] = rand(I, H, std=0.15)
+            w[p + f"mlp.experts.{e}.up_proj.weight"] = rand(I, H, std=0.15)
+            w[p + f"mlp.experts.{e}.down_proj.weight"] = rand(H, I, std=0.15)
+    w["model.norm.weight"] = norm(H)
+    w["lm_head.weight"] = rand(V, H, std=0.3)
+    return w
+
+
+def write_tiny_checkpoint(family: str, directory: Path) -> None:
+    """Write the tiny checkpoint of `family` into `directory` (HF layout, two files + index)."""
+    config = TINY_CONFIGS[family]
+    directory.mkdir(parents=True, exist_ok=True)
+    weights = _weights(config)
+    names = sorted(weights)
+    halves = {
+        "model-00001-of-00002.safetensors": names[: len(names) // 2],
+        "model-00002-of-00002.safetensors": names[len(names) // 2 :],
+    }
+    weight_map = {}
+    for file, keys in halves.items():
+        save_file({k: weights[k] for k in keys}, str(directory / file), metadata={"format": "pt"})
+        weight_map.update({k: file for k in keys})
+    total = sum(t.numel() * t.element_size() for t in weights.values())
+    (directory / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+    )
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    (directory / "generation_config.json").write_text(
+        json.dumps(
+            {"eos_token_id": config["eos_token_id"], "pad_token_id": config["pad_token_id"]},
+            indent=2,
+        )
+    )
+    (directory / "tokenizer.json").write_text(_tokenizer_json())
+    (directory / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "eos_token": "<|im_end|>",
+                "pad_token": "<|endoftext|>",
+                "chat_template": CHAT_TEMPLATE,
+            },
+            indent=2,
+        )
+    )
+
+
+def cache_root() -> Path:
+    """Where reshard keeps derived files: $RESHARD_CACHE, else $XDG_CACHE_HOME/reshard, else ~/.cache/reshard."""
+    if os.environ.get("RESHARD_CACHE"):
+        return Path(os.environ["RESHARD_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "reshard"
+
+
+def tiny_checkpoint(family: str) -> Path:
+    """Path of the tiny checkpoint of `family`, written into the cache on first use."""
+    if family not in TINY_CONFIGS:
+        from reshard.errors import SourceError
+
+        raise SourceError(
+            f"tiny:{family}: no such built-in model; built-in: {', '.join('tiny:' + f for f in TINY_CONFIGS)}"
+        )
+    target = cache_root() / "tiny" / f"{family}-v{TINY_VERSION}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{family}-"))
+    try:
+        write_tiny_checkpoint(family, tmp)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process won the race; its copy is identical
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
