@@ -202,6 +202,328 @@ def verify(directory: Path, against: str | None, quiet: bool) -> None:
     )
 
 
+device_option = click.option(
+    "--device",
+    type=click.Choice(["cpu", "cuda"]),
+    default=None,
+    help="cpu (gloo) or cuda (NCCL); default cuda when available.",
+)
+timeout_option = click.option(
+    "--timeout",
+    type=float,
+    default=300.0,
+    show_default=True,
+    help="Collective timeout in seconds: no rank waits longer.",
+)
+
+
+def _nodes_options(f):
+    f = click.option(
+        "--rdzv-endpoint", metavar="HOST:PORT", help="torchrun rendezvous endpoint (several nodes)."
+    )(f)
+    f = click.option(
+        "--node-rank",
+        type=int,
+        default=0,
+        show_default=True,
+        help="This node's rank (several nodes).",
+    )(f)
+    f = click.option(
+        "--nnodes",
+        type=click.IntRange(min=1),
+        default=1,
+        show_default=True,
+        help="Number of nodes.",
+    )(f)
+    return f
+
+
+def _sharded_dir(src: str, layout: str | None, quiet: bool) -> Path:
+    """SRC as a finished sharded checkpoint: as given, or converted on the fly into the cache."""
+    from reshard.manifest import MANIFEST
+
+    path = Path(src).expanduser()
+    if (path / MANIFEST).is_file():
+        if layout:
+            from reshard.checkpoint import ShardedCheckpoint
+            from reshard.layout import Layout
+
+            have = ShardedCheckpoint(path).layout.name
+            if Layout.parse(layout).name != have:
+                raise ReshardError(f"{src}: holds layout {have}, not --layout {layout}")
+        return path
+    if not layout:
+        from reshard.manifest import load_manifest
+
+        load_manifest(path)  # raises the clear "not a finished sharded checkpoint" error
+    import hashlib
+
+    from reshard.convert import convert as run_convert
+    from reshard.convert import make_plan
+    from reshard.layout import Layout
+    from reshard.sources import open_source
+    from reshard.tiny import cache_root
+
+    parsed = Layout.parse(layout)
+    key = hashlib.sha256(f"{src}|{parsed.name}".encode()).hexdigest()[:12]
+    out = cache_root() / "converted" / f"{parsed.name}-{key}"
+    if not (out / MANIFEST).is_file():
+        run_convert(make_plan(open_source(src), parsed), out, progress=_progress(quiet))
+    return out
+
+
+def _check_files(path: Path):
+    from reshard.checkpoint import ShardedCheckpoint
+
+    ckpt = ShardedCheckpoint(path)
+    for rank in range(ckpt.layout.world_size):
+        ckpt.check_rank_file(rank, hash=False)  # each rank re-hashes its own file
+    return ckpt
+
+
+@cli.command()
+@click.argument("src")
+@click.option("--prompt", required=True, help="Text to continue.")
+@click.option(
+    "--layout",
+    metavar="LAYOUT",
+    help="With an HF source: convert to this layout first (cached). " + LAYOUT_HELP,
+)
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option(
+    "--temperature",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    help="0 = greedy.",
+)
+@click.option(
+    "--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=1.0, show_default=True
+)
+@click.option(
+    "--seed", type=int, default=0, show_default=True, help="Sampling seed (same on every rank)."
+)
+@click.option("--chat", is_flag=True, help="Wrap the prompt in the checkpoint's chat template.")
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print one JSON object: prompt_ids, output_ids, text, tokens_per_s.",
+)
+@device_option
+@timeout_option
+@_nodes_options
+@quiet_option
+def run(
+    src,
+    prompt,
+    layout,
+    max_new_tokens,
+    temperature,
+    top_p,
+    seed,
+    chat,
+    as_json,
+    device,
+    timeout,
+    nnodes,
+    node_rank,
+    rdzv_endpoint,
+    quiet,
+) -> None:
+    """Generate text with a sharded checkpoint, one process per rank (torchrun).
+
+    SRC is a `reshard convert` output directory, or any source (HF directory,
+    hf:org/name, tiny:qwen3_moe) together with --layout, converted on the fly
+    into the cache. Rank 0 streams the text as it is generated.
+
+    \b
+    Examples:
+      reshard run tiny-ep2tp2 --prompt "Why is the sky blue?"
+      reshard run tiny:qwen3_moe --layout tp2 --prompt "Hello" --max-new-tokens 16 --json
+      reshard run q3-ep4tp4 --prompt "Why is the sky blue?" --chat --device cuda
+      reshard run q3-ep4tp4 --prompt "Hi" --nnodes 2 --node-rank 0 --rdzv-endpoint node0:29500
+    """
+    from reshard.runtime.launch import Nodes, default_device, launch
+
+    ckpt = _check_files(_sharded_dir(src, layout, quiet))
+    worker_args = [
+        "--prompt",
+        prompt,
+        "--max-new-tokens",
+        str(max_new_tokens),
+        "--temperature",
+        str(temperature),
+    ]
+    worker_args += ["--top-p", str(top_p), "--seed", str(seed), "--timeout", str(timeout)]
+    worker_args += ["--chat"] * chat + ["--json"] * as_json
+    nodes = Nodes(nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint)
+    launch(
+        "run",
+        ckpt.directory,
+        ckpt.layout.world_size,
+        worker_args,
+        device=device or default_device(),
+        nodes=nodes,
+    )
+
+
+@cli.command()
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option(
+    "--against",
+    required=True,
+    metavar="SRC",
+    help="The source checkpoint to compare with. " + SRC_HELP,
+)
+@click.option(
+    "--reference",
+    type=click.Choice(["streamed", "transformers"]),
+    default="streamed",
+    show_default=True,
+    help="streamed: our model code, unsharded, one layer in memory at a time; transformers: its own model.",
+)
+@click.option(
+    "--tolerance", type=float, default=1e-4, show_default=True, help="Max abs diff allowed (fp32)."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as one JSON object.")
+@device_option
+@timeout_option
+@_nodes_options
+def validate(
+    directory,
+    against,
+    reference,
+    tolerance,
+    as_json,
+    device,
+    timeout,
+    nnodes,
+    node_rank,
+    rdzv_endpoint,
+) -> None:
+    """Check a sharded checkpoint numerically: parallel forward+backward vs a single-process reference.
+
+    Runs a fixed batch (2 x 13 tokens) through the parallel model under the
+    checkpoint's layout, in fp32, and compares logits, loss and every rank's
+    local gradient shard with the reference on SRC. Exits 0 only when every
+    max abs diff is within --tolerance.
+
+    \b
+    Examples:
+      reshard validate tiny-ep2tp2 --against tiny:qwen3_moe
+      reshard validate q3-ep4tp4 --against hf:Qwen/Qwen3-30B-A3B --json
+    """
+    import json as json_lib
+    import tempfile
+
+    from reshard.runtime.launch import Nodes, default_device, launch
+    from reshard.runtime.reference import fixed_batch, streamed_reference, transformers_reference
+    from reshard.sources import open_source
+
+    ckpt = _check_files(directory)
+    source = open_source(against)
+    vocab = ckpt.manifest.config["vocab_size"]
+    with tempfile.TemporaryDirectory(prefix="reshard-validate-") as tmp:
+        ref_file, result_file = Path(tmp) / "reference.safetensors", Path(tmp) / "result.json"
+        make_ref = transformers_reference if reference == "transformers" else streamed_reference
+        make_ref(source, fixed_batch(vocab), ref_file)
+        worker_args = [
+            "--reference-file",
+            str(ref_file),
+            "--result-file",
+            str(result_file),
+            "--timeout",
+            str(timeout),
+        ]
+        nodes = Nodes(nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint)
+        launch(
+            "validate",
+            ckpt.directory,
+            ckpt.layout.world_size,
+            worker_args,
+            device=device or default_device(),
+            nodes=nodes,
+        )
+        if not result_file.is_file():
+            return  # not the node that holds rank 0
+        result = json_lib.loads(result_file.read_text())
+    result["reference"], result["tolerance"] = reference, tolerance
+    result["ok"] = all(v <= tolerance for v in result["max_abs_diff"].values())
+    if as_json:
+        click.echo(json_lib.dumps(result))
+    else:
+        d = result["max_abs_diff"]
+        click.echo(
+            f"{result['layout']} ({result['world_size']} ranks) vs {reference} reference: loss {result['loss']:.6f}; "
+            f"max abs diff logits {d['logits']:.2e}, loss {d['loss']:.2e}, grads {d['grad']:.2e} "
+            f"({result['params_checked']} params) -> {'OK' if result['ok'] else 'FAIL'} (tolerance {tolerance:g})"
+        )
+    if not result["ok"]:
+        raise SystemExit(1)
+
+
+@cli.command()
+@click.option("--layout", default="ep2tp2", show_default=True, help=LAYOUT_HELP)
+@click.option(
+    "--out", type=click.Path(path_type=Path), default=Path("tiny-ep2tp2"), show_default=True
+)
+@click.option("--prompt", default="Why is the sky blue?", show_default=True)
+@click.pass_context
+def quickstart(ctx, layout: str, out: Path, prompt: str) -> None:
+    """Convert -> verify -> validate -> run on the built-in tiny:qwen3_moe, on CPU ranks.
+
+    \b
+    Example:
+      reshard quickstart            # 4 CPU ranks, layout ep2tp2
+      reshard quickstart --layout tp4-tp2ep --out tiny-tp4-tp2ep
+    """
+    steps = [
+        (
+            convert,
+            dict(src="tiny:qwen3_moe", layout=layout, out=out, dtype="keep", workers=1, quiet=True),
+        ),
+        (verify, dict(directory=out, against="tiny:qwen3_moe", quiet=True)),
+        (
+            validate,
+            dict(
+                directory=out,
+                against="tiny:qwen3_moe",
+                reference="streamed",
+                tolerance=1e-4,
+                as_json=False,
+                device="cpu",
+                timeout=300.0,
+                nnodes=1,
+                node_rank=0,
+                rdzv_endpoint=None,
+            ),
+        ),
+    ]
+    for command, kwargs in steps:
+        click.secho(f"$ reshard {command.name} ...", fg="cyan", err=True)
+        ctx.invoke(command, **kwargs)
+    click.secho(f"$ reshard run {out} --prompt {prompt!r} --max-new-tokens 24", fg="cyan", err=True)
+    ctx.invoke(
+        run,
+        src=str(out),
+        prompt=prompt,
+        layout=None,
+        max_new_tokens=24,
+        temperature=0.0,
+        top_p=1.0,
+        seed=0,
+        chat=False,
+        as_json=False,
+        device="cpu",
+        timeout=300.0,
+        nnodes=1,
+        node_rank=0,
+        rdzv_endpoint=None,
+        quiet=True,
+    )
+
+
 def _dtype_name(ckpt) -> str:
     """The --dtype that reproduces the checkpoint's dtypes from its source."""
     import torch

@@ -1,0 +1,194 @@
+"""Autograd-aware collectives, with the backward each one needs when every rank
+computes the same (replicated) loss.
+
+An activation is either *replicated* over a group (every rank holds the same
+values, and receives the same gradient) or *split* (each rank holds its part),
+or *partial* (the true value is the sum over ranks). Each function below moves
+between two of those states, and its backward moves the gradient the other way:
+
+| function              | forward                       | backward            |
+| --------------------- | ----------------------------- | ------------------- |
+| copy_to               | replicated -> used for partial| all-reduce (sum)    |
+| reduce_from           | partial -> replicated         | identity            |
+| split_to              | replicated -> my chunk        | all-gather          |
+| gather_from           | chunks -> replicated          | take my chunk       |
+| gather_for_partial    | chunks -> used for partial    | reduce-scatter      |
+| reduce_scatter_to     | partial -> my chunk           | all-gather          |
+| all_to_all            | rows to their ranks           | rows back           |
+
+Using all-reduce as the backward of `reduce_from` (as torch.distributed.nn
+does) multiplies gradients by the group size when the loss is replicated
+(pytorch issue 160285); the table is Megatron's f/g operators generalised.
+`group=None` means "no parallelism": every function is then the identity.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+Group = dist.ProcessGroup | None
+
+
+def group_size(group: Group) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def group_rank(group: Group) -> int:
+    return 0 if group is None else dist.get_rank(group)
+
+
+def _all_reduce(x: torch.Tensor, group: Group) -> torch.Tensor:
+    x = x.contiguous().clone()
+    dist.all_reduce(x, group=group)
+    return x
+
+
+def _all_gather(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
+    n = group_size(group)
+    x = x.movedim(dim, 0).contiguous()
+    out = x.new_empty((n * x.shape[0], *x.shape[1:]))
+    all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    all_gather(out, x, group=group)
+    return out.movedim(0, dim)
+
+
+def _chunk(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
+    n, r = group_size(group), group_rank(group)
+    if x.shape[dim] % n:
+        raise ValueError(f"dim {dim} of size {x.shape[dim]} does not split over {n} ranks")
+    return x.narrow(dim, r * (x.shape[dim] // n), x.shape[dim] // n).contiguous()
+
+
+def _reduce_scatter(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
+    n = group_size(group)
+    x = x.movedim(dim, 0).contiguous()
+    out = x.new_empty((x.shape[0] // n, *x.shape[1:]))
+    reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    reduce_scatter(out, x, group=group)
+    return out.movedim(0, dim)
+
+
+class _CopyTo(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_reduce(grad, ctx.group), None
+
+
+class _ReduceFrom(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        return _all_reduce(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _SplitTo(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim, group):
+        ctx.dim, ctx.group = dim, group
+        return _chunk(x, dim, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather(grad, ctx.dim, ctx.group), None, None
+
+
+class _GatherFrom(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim, group):
+        ctx.dim, ctx.group = dim, group
+        return _all_gather(x, dim, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _chunk(grad, ctx.dim, ctx.group), None, None
+
+
+class _GatherForPartial(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim, group):
+        ctx.dim, ctx.group = dim, group
+        return _all_gather(x, dim, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _reduce_scatter(grad, ctx.dim, ctx.group), None, None
+
+
+class _ReduceScatterTo(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim, group):
+        ctx.dim, ctx.group = dim, group
+        return _reduce_scatter(x, dim, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather(grad, ctx.dim, ctx.group), None, None
+
+
+class _AllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, out_splits, in_splits, group):
+        ctx.out_splits, ctx.in_splits, ctx.group = out_splits, in_splits, group
+        return _all_to_all(x, out_splits, in_splits, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_to_all(grad, ctx.in_splits, ctx.out_splits, ctx.group), None, None, None
+
+
+def _all_to_all(
+    x: torch.Tensor, out_splits: list[int], in_splits: list[int], group: Group
+) -> torch.Tensor:
+    x = x.contiguous()
+    out = x.new_empty((sum(out_splits), *x.shape[1:]))
+    dist.all_to_all_single(out, x, out_splits, in_splits, group=group)
+    return out
+
+
+def copy_to(x: torch.Tensor, group: Group) -> torch.Tensor:
+    return x if group_size(group) == 1 else _CopyTo.apply(x, group)
+
+
+def reduce_from(x: torch.Tensor, group: Group) -> torch.Tensor:
+    return x if group_size(group) == 1 else _ReduceFrom.apply(x, group)
+
+
+def split_to(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
+    return x if group_size(group) == 1 else _SplitTo.apply(x, dim, group)
+
+
+def gather_from(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
+    return x if group_size(group) == 1 else _GatherFrom.apply(x, dim, group)
+
+
+def gather_for_partial(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
+    return x if group_size(group) == 1 else _GatherForPartial.apply(x, dim, group)
+
+
+def reduce_scatter_to(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
+    return x if group_size(group) == 1 else _ReduceScatterTo.apply(x, dim, group)
+
+
+def all_to_all(
+    x: torch.Tensor, out_splits: list[int], in_splits: list[int], group: Group
+) -> torch.Tensor:
+    """Rows `x[sum(in_splits[:j]) : ...]` go to rank j; returns the rows received, by source rank."""
+    return x if group_size(group) == 1 else _AllToAll.apply(x, out_splits, in_splits, group)
+
+
+def exchange_counts(counts: torch.Tensor, group: Group) -> torch.Tensor:
+    """`counts [n, ...]`: row j goes to rank j; returns what each rank sent us (no autograd)."""
+    if group_size(group) == 1:
+        return counts
+    out = torch.empty_like(counts)
+    dist.all_to_all_single(out, counts.contiguous(), group=group)
+    return out

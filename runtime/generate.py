@@ -1,0 +1,103 @@
+"""Token generation over any ``step(input_ids, start_pos) -> logits`` callable.
+
+The loop knows nothing about the model or how it is split across ranks: the
+single-device model and the parallel runtime both hand it a closure over their
+own KV cache.
+"""
+
+# Shape suffixes: B = batch, T = prompt tokens, V = vocab, N = new tokens
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+Step = Callable[[torch.Tensor, int], torch.Tensor]
+
+
+def sample_next(
+    logits_BV: torch.Tensor,
+    *,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Pick the next token per row: argmax when ``temperature == 0``, else nucleus sampling.
+
+    Sampling runs on CPU with a CPU generator so that every rank holding the
+    same logits and seed draws the same token, whatever its device.
+
+    Returns:
+        ``[B]`` int64 token ids on the device of ``logits_BV``.
+    """
+    if temperature == 0.0:
+        return logits_BV.argmax(dim=-1)
+    probs_BV = torch.softmax(logits_BV.float().cpu() / temperature, dim=-1)
+    sorted_BV, order_BV = probs_BV.sort(dim=-1, descending=True)
+    # Keep the smallest prefix whose mass reaches top_p; the top token always stays.
+    mass_before_BV = sorted_BV.cumsum(dim=-1) - sorted_BV
+    sorted_BV = sorted_BV.masked_fill(mass_before_BV >= top_p, 0.0)
+    pick_B1 = torch.multinomial(sorted_BV, 1, generator=generator)
+    return order_BV.gather(-1, pick_B1)[:, 0].to(logits_BV.device)
+
+
+@torch.no_grad()
+def generate(
+    step: Step,
+    prompt_ids_BT: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    eos_token_ids: Sequence[int] = (),
+    sync: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    on_token: Callable[[list[int]], None] | None = None,
+) -> torch.Tensor:
+    """Prefill the prompt, then decode one token at a time.
+
+    Args:
+        step: ``step(input_ids_BT, start_pos) -> logits_BTV``; it must keep its own
+            KV cache, so each call passes only the new tokens.
+        prompt_ids_BT: ``[B, T]`` prompt, no padding.
+        max_new_tokens: upper bound on generated tokens.
+        temperature: 0 for greedy decoding (the default), else the softmax temperature.
+        top_p: nucleus sampling mass, used when ``temperature > 0``.
+        seed: seeds the sampling generator, so runs are reproducible.
+        eos_token_ids: stop once every row has produced one of these; rows that
+            finished earlier are padded with the eos token they produced.
+        sync: applied to each step's chosen tokens, e.g. a broadcast from rank 0
+            so every rank of a parallel run feeds the same token.
+        on_token: called after each step with row 0's generated ids so far (streaming).
+
+    Returns:
+        ``[B, T + N]`` prompt followed by the generated tokens, ``N <= max_new_tokens``.
+
+    Example:
+        >>> cache = KVCache(max_seq_len=64)  # doctest: +SKIP
+        >>> out = generate(lambda ids, pos: model(ids, pos, cache), prompt, max_new_tokens=8)  # doctest: +SKIP
+    """
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"temperature ({temperature}) must be >= 0 and top_p ({top_p}) in (0, 1]")
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    eos = torch.tensor(list(eos_token_ids), dtype=torch.long, device=prompt_ids_BT.device)
+    tokens = [prompt_ids_BT]
+    finished_B = torch.zeros(prompt_ids_BT.shape[0], dtype=torch.bool, device=prompt_ids_BT.device)
+    last_B = prompt_ids_BT[:, -1]
+    input_ids_BT, start_pos = prompt_ids_BT, 0
+    for _ in range(max_new_tokens):
+        logits_BV = step(input_ids_BT, start_pos)[:, -1]
+        next_B = sample_next(logits_BV, temperature=temperature, top_p=top_p, generator=generator)
+        if sync is not None:
+            next_B = sync(next_B)
+        next_B = torch.where(finished_B, last_B, next_B)
+        tokens.append(next_B[:, None])
+        if on_token is not None:
+            on_token(torch.cat(tokens[1:], dim=1)[0].tolist())
+        finished_B |= torch.isin(next_B, eos)
+        if finished_B.all():
+            break
+        start_pos += input_ids_BT.shape[1]
+        input_ids_BT, last_B = next_B[:, None], next_B
+    return torch.cat(tokens, dim=1)

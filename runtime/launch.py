@@ -1,0 +1,87 @@
+"""Start the ranks through PyTorch's own launcher, `torch.distributed.run` (torchrun).
+
+One node: `--standalone` with nproc = the layout's world size. Several nodes:
+torchrun's own rendezvous flags are passed through, nproc = world / nnodes.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from reshard.errors import ReshardError
+
+
+@dataclass(kw_only=True)
+class Nodes:
+    """Where the ranks run; the defaults are one node, all ranks local."""
+
+    nnodes: int = 1
+    node_rank: int = 0
+    rdzv_endpoint: str | None = None
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def launch(
+    mode: str, ckpt: Path, world_size: int, worker_args: list[str], *, device: str, nodes: Nodes
+) -> None:
+    """Run `reshard.runtime.worker MODE` on `world_size` ranks; raise ReshardError if a rank fails.
+
+    stdout of the ranks passes straight through (rank 0 streams text). A rank's
+    own error is printed as one line; torchrun's noise is shown only with
+    RESHARD_DEBUG=1.
+    """
+    if world_size % nodes.nnodes:
+        raise ReshardError(
+            f"--nnodes {nodes.nnodes} does not divide the layout's {world_size} ranks"
+        )
+    nproc = world_size // nodes.nnodes
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"]
+    if nodes.nnodes == 1:
+        cmd.append("--standalone")
+    else:
+        if not nodes.rdzv_endpoint:
+            raise ReshardError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT")
+        cmd += [
+            f"--nnodes={nodes.nnodes}",
+            f"--node-rank={nodes.node_rank}",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={nodes.rdzv_endpoint}",
+        ]
+    cmd += [
+        "-m",
+        "reshard.runtime.worker",
+        mode,
+        "--ckpt",
+        str(ckpt),
+        "--device",
+        device,
+        *worker_args,
+    ]
+    debug = bool(os.environ.get("RESHARD_DEBUG"))
+    with tempfile.TemporaryDirectory(prefix="reshard-errors-") as errors:
+        env = dict(os.environ, RESHARD_ERROR_DIR=errors, PYTHONUNBUFFERED="1")
+        # Many CPU ranks on few cores: one thread each (torchrun would say so, loudly).
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+        proc = subprocess.run(cmd, env=env, stderr=None if debug else subprocess.PIPE, text=True)
+        if proc.returncode == 0:
+            # Pass on the ranks' own status lines; torchrun's chatter stays hidden.
+            for line in (proc.stderr or "").splitlines():
+                if line.startswith("reshard: "):
+                    print(line, file=sys.stderr)
+            return
+        messages = sorted(Path(errors).glob("rank-*.txt"), key=lambda p: int(p.stem.split("-")[1]))
+        if messages:
+            raise ReshardError(messages[0].read_text().strip())
+        tail = [line for line in (proc.stderr or "").splitlines() if line.strip()]
+        hint = tail[-1] if tail else f"exit code {proc.returncode}"
+        raise ReshardError(f"the ranks failed ({hint}); set RESHARD_DEBUG=1 to see their output")

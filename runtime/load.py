@@ -1,0 +1,114 @@
+"""Load one rank of a sharded checkpoint: as plain local tensors, as DTensors, or as a ready model.
+
+For programs that bring their own training loop:
+
+    # under torchrun, with the layout's world size
+    from reshard.runtime import load_local_tensors, load_dtensors
+    local = load_local_tensors("q3-ep4tp4")                 # {name: this rank's shard}
+    mesh = init_device_mesh("cuda", (4, 4), mesh_dim_names=("ep", "tp"))
+    params = load_dtensors("q3-ep4tp4", mesh)               # {name: DTensor with the manifest's placements}
+
+Each rank opens only its own rank file and `reshard.json`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from reshard.converters import get_spec
+from reshard.runtime.parallel import ParallelGroups, ParallelModel, parallelize
+
+from reshard.checkpoint import ShardedCheckpoint
+from reshard.errors import CheckpointError
+from reshard.placements import to_torch
+
+
+def _rank(rank: int | None) -> int:
+    if rank is not None:
+        return rank
+    if "RANK" not in os.environ:
+        raise CheckpointError(
+            "no rank given and RANK is not set (run under torchrun, or pass rank=)"
+        )
+    return int(os.environ["RANK"])
+
+
+def load_local_tensors(
+    directory: str | Path, rank: int | None = None, *, device: str | torch.device = "cpu"
+) -> dict[str, torch.Tensor]:
+    """This rank's local tensors, checked against the manifest (sha256, names, local shapes).
+
+    Args:
+        directory: a `reshard convert` output directory.
+        rank: the rank to load; defaults to $RANK (torchrun).
+    Returns:
+        {parameter name: local shard}, e.g. `model.layers.0.mlp.experts.gate_up_proj [E/ep, 2I/tp, H]`.
+    """
+    return ShardedCheckpoint(directory).load_rank(_rank(rank), device=device)
+
+
+def load_dtensors(
+    directory: str | Path, mesh, *, rank: int | None = None
+) -> dict[str, torch.Tensor]:
+    """This rank's tensors as DTensors on `mesh`, with the manifest's placements and global shapes.
+
+    `mesh` must have the layout's shape (e.g. (4, 4) for ep4tp4, dims outer to inner).
+    k/v projections of a layout with tp > num_key_value_heads carry repeated heads
+    (the manifest's `head_repeat`); their global shape counts the repeats.
+    """
+    from torch.distributed.tensor import DTensor
+
+    ckpt = ShardedCheckpoint(directory)
+    if tuple(mesh.mesh.shape) != ckpt.layout.mesh_shape:
+        raise CheckpointError(
+            f"mesh shape {tuple(mesh.mesh.shape)} does not match layout {ckpt.layout.name} {ckpt.layout.mesh_shape}"
+        )
+    rank = _rank(rank)
+    local = ckpt.load_rank(rank, device=mesh.device_type)
+    out = {}
+    for name, p in ckpt.params.items():
+        tensor = local[name]
+        stride = torch.empty(p.shape, device="meta").stride()
+        out[name] = DTensor.from_local(
+            tensor,
+            mesh,
+            [to_torch(pl) for pl in p.placements],
+            run_check=False,
+            shape=torch.Size(p.shape),
+            stride=stride,
+        )
+    return out
+
+
+def load_parallel_model(
+    ckpt: ShardedCheckpoint, rank: int, *, device: torch.device, dtype: torch.dtype | None = None
+) -> ParallelModel:
+    """Build the model on the meta device, wire it for the layout, and load this rank's shards."""
+    spec = get_spec(ckpt.manifest.model_type)
+    args = spec.model_args(ckpt.manifest.config)
+    with torch.device("meta"):
+        model = spec.model(args)
+    state = ckpt.load_rank(rank, device=device)
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    _assign_local(model, state)
+    head_repeat = max(p.head_repeat for p in ckpt.params.values())
+    groups = ParallelGroups.create(ckpt.layout, rank, head_repeat)
+    return parallelize(model, ckpt.layout, groups, head_repeat)
+
+
+def _assign_local(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Replace every parameter by its local shard (load_state_dict refuses the smaller shapes)."""
+    names = {n for n, _ in model.named_parameters()}
+    if names != set(state):
+        missing, extra = sorted(names - set(state)), sorted(set(state) - names)
+        raise CheckpointError(
+            f"rank file does not match the model: missing {missing[:5]}, unexpected {extra[:5]}"
+        )
+    for name, tensor in state.items():
+        owner, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(owner), attr, torch.nn.Parameter(tensor))
+    if getattr(model, "args", None) is not None and model.args.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight

@@ -1,0 +1,301 @@
+"""Make the single-device model in model.py run on local shards, per layout.
+
+Nothing here edits the model code: we shrink the head counts on each
+Attention and add forward hooks that move activations between ranks
+(gpt-fast's tp.py, torchtitan's parallelize). Parameter names stay those of
+transformers, so each rank's file loads with `load_state_dict(strict=True)`.
+
+Per layout (T tokens of a step, replicated over tp after attention unless -sp):
+
+| piece          | tp<B>                        | -sp                                   | ep<A> / -tp2ep                 |
+| -------------- | ---------------------------- | ------------------------------------- | ------------------------------ |
+| embed_tokens   | vocab rows; all-reduce       | vocab rows; reduce-scatter (sequence) | -                              |
+| attention, MLP | local heads; all-reduce      | all-gather seq; reduce-scatter seq    | -                              |
+| MoE            | expert I/B slices; all-reduce| gathered, then as without -sp         | chunk tokens over the EP group, all_to_all to the expert's rank and back, all-gather chunks |
+| final norm     | -                            | all-gather seq first                  | -                              |
+| lm_head        | vocab rows; all-gather logits| same                                  | -                              |
+
+Gradients (validate): parameters that only saw part of the tokens or part of
+the heads hold partial gradients; `finish_grads` sums them over that group.
+"""
+
+# Shape suffixes: B = batch, T = tokens, H = hidden, V = vocab, K = top-k,
+# M = routed rows (T * K), R = rows received by this rank's experts, E = experts.
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from reshard.runtime import collectives as C
+from reshard.runtime.model import MLP, CausalLM, MoE
+from torch import nn
+
+from reshard.layout import Layout
+
+
+def _new_group(layout: Layout, rank: int, key) -> dist.ProcessGroup | None:
+    """Partition all ranks by `key(coords)` and return this rank's part as a process group.
+
+    Every rank must call this with the same key: new_group is collective.
+    """
+    parts: dict[object, list[int]] = {}
+    for r in range(layout.world_size):
+        parts.setdefault(key(layout.coords(r)), []).append(r)
+    mine = None
+    for ranks in sorted(parts.values()):
+        group = dist.new_group(ranks) if len(ranks) > 1 else None
+        if rank in ranks:
+            mine = group
+    return mine
+
+
+@dataclass
+class ParallelGroups:
+    """The process groups a rank needs for `layout`.
+
+    Attributes:
+        tp: ranks that differ only in tp: attention heads, vocab rows, expert I-slices.
+        ep: ranks that differ only in the expert dims (ep, and tp with -tp2ep): tokens are
+            chunked over it and exchanged with all_to_all.
+        expert_tp: `tp` when experts are TP-sliced (no -tp2ep), else None.
+        kv: ranks of one tp group holding the same repeated kv head (tp > kv heads).
+    """
+
+    layout: Layout
+    rank: int
+    tp: C.Group = None
+    ep: C.Group = None
+    expert_tp: C.Group = None
+    kv: C.Group = None
+
+    @classmethod
+    def create(cls, layout: Layout, rank: int, head_repeat: int = 1) -> ParallelGroups:
+        def without(*dims):
+            return lambda c: tuple((d, v) for d, v in c.items() if d not in dims)
+
+        tp = _new_group(layout, rank, without("tp"))
+        ep = _new_group(layout, rank, without(*layout.expert_dims)) if layout.expert_dims else None
+        kv = None
+        if head_repeat > 1:
+            kv = _new_group(
+                layout, rank, lambda c: (without("tp")(c), c.get("tp", 0) // head_repeat)
+            )
+        return cls(
+            layout=layout, rank=rank, tp=tp, ep=ep, expert_tp=None if layout.tp2ep else tp, kv=kv
+        )
+
+
+@dataclass
+class _MoEState:
+    """What a MoE layer's hooks pass from its pre-hook to its post-hooks in one forward."""
+
+    shape_BTH: torch.Size | None = None
+    gathered: bool = False
+    valid_rows: int = 0
+    order_M: torch.Tensor | None = None
+    in_splits: list[int] = field(default_factory=list)
+    out_splits: list[int] = field(default_factory=list)
+    topk: int = 0
+
+
+def _pad_rows(x_TH: torch.Tensor, multiple: int) -> torch.Tensor:
+    pad = -x_TH.shape[0] % multiple
+    return torch.cat([x_TH, x_TH.new_zeros(pad, x_TH.shape[1])]) if pad else x_TH
+
+
+class _MoEHooks:
+    """Token movement around one MoE layer: split -> route -> dispatch -> experts -> combine -> gather."""
+
+    def __init__(self, moe: MoE, groups: ParallelGroups, sequence_sharded: bool):
+        self.groups, self.state = groups, _MoEState()
+        self.sp = sequence_sharded
+        n_ep = C.group_size(groups.ep)
+        # With -sp and the tokens already split over exactly the EP group (tp2ep, no ep dim),
+        # each rank routes its own sequence shard: nothing to gather or split.
+        self.sp_is_split = sequence_sharded and n_ep > 1 and groups.layout.expert_dims == ("tp",)
+        self.num_experts = moe.gate.weight.shape[0]
+        self.tokens_per_expert = torch.zeros(self.num_experts, dtype=torch.long)
+        moe.register_forward_pre_hook(self.before_moe)
+        moe.register_forward_hook(self.after_moe)
+        moe.gate.register_forward_hook(self.after_router)
+        moe.experts.register_forward_pre_hook(self.before_experts)
+        moe.experts.register_forward_hook(self.after_experts)
+
+    def before_moe(self, module, args):
+        (x_BTH,) = args
+        s, g = self.state, self.groups
+        s.gathered = self.sp and not self.sp_is_split
+        if s.gathered:
+            x_BTH = C.gather_from(x_BTH, 1, g.tp)
+        s.shape_BTH = x_BTH.shape
+        x_TH = x_BTH.reshape(-1, x_BTH.shape[-1])
+        s.valid_rows = x_TH.shape[0]
+        n = C.group_size(g.ep)
+        if n > 1 and not self.sp_is_split:
+            # Pad to a multiple of the EP size; pad rows are routed to expert 0 with weight 0.
+            x_TH = C.split_to(_pad_rows(x_TH, n), 0, g.ep)
+            chunk = x_TH.shape[0]
+            s.valid_rows = max(0, min(chunk, s.valid_rows - C.group_rank(g.ep) * chunk))
+        return (x_TH.unsqueeze(0),)
+
+    def after_router(self, module, args, output):
+        ids_TK, weights_TK = output
+        valid_T1 = (torch.arange(ids_TK.shape[0], device=ids_TK.device) < self.state.valid_rows)[
+            :, None
+        ]
+        ids_TK = torch.where(valid_T1, ids_TK, 0)
+        weights_TK = torch.where(valid_T1, weights_TK, 0)
+        counts = torch.bincount(ids_TK[valid_T1.expand_as(ids_TK)], minlength=self.num_experts)
+        if self.groups.ep is not None:
+            dist.all_reduce(counts, group=self.groups.ep)  # load statistics, no autograd
+        self.tokens_per_expert = counts.cpu()
+        return ids_TK, weights_TK
+
+    def before_experts(self, module, args):
+        x_TH, ids_TK, weights_TK = args
+        g, s = self.groups, self.state
+        x_TH, weights_TK = C.copy_to(x_TH, g.expert_tp), C.copy_to(weights_TK, g.expert_tp)
+        n = C.group_size(g.ep)
+        if n == 1:
+            return x_TH, ids_TK, weights_TK
+        T, K = ids_TK.shape
+        s.topk = K
+        ids_M = ids_TK.reshape(-1)
+        # Global expert ids sort by owning rank first (experts are Shard(0) over the EP group).
+        s.order_M = torch.argsort(ids_M, stable=True)
+        send_counts = torch.bincount(ids_M, minlength=self.num_experts).view(n, -1)
+        recv_counts = C.exchange_counts(send_counts, g.ep)
+        s.in_splits, s.out_splits = send_counts.sum(1).tolist(), recv_counts.sum(1).tolist()
+        x_RH = C.all_to_all(x_TH[s.order_M // K], s.out_splits, s.in_splits, g.ep)
+        w_R1 = C.all_to_all(weights_TK.reshape(-1, 1)[s.order_M], s.out_splits, s.in_splits, g.ep)
+        local = torch.arange(recv_counts.shape[1], device=ids_TK.device).repeat(n)
+        ids_R1 = torch.repeat_interleave(local, recv_counts.reshape(-1))[:, None]
+        return x_RH, ids_R1, w_R1
+
+    def after_experts(self, module, args, y):
+        g, s = self.groups, self.state
+        if C.group_size(g.ep) > 1:
+            y_MH = C.all_to_all(y, s.in_splits, s.out_splits, g.ep)
+            inverse_M = torch.empty_like(s.order_M)
+            inverse_M[s.order_M] = torch.arange(len(s.order_M), device=s.order_M.device)
+            y = y_MH[inverse_M].view(-1, s.topk, y_MH.shape[-1]).sum(dim=1)
+        return C.reduce_from(y, g.expert_tp)
+
+    def after_moe(self, module, args, out_1TH):
+        g, s = self.groups, self.state
+        y_TH = out_1TH.reshape(-1, out_1TH.shape[-1])
+        if C.group_size(g.ep) > 1 and not self.sp_is_split:
+            rows = s.shape_BTH[0] * s.shape_BTH[1]
+            y_TH = C.gather_from(y_TH, 0, g.ep)[:rows]
+        y_BTH = y_TH.view(s.shape_BTH)
+        if s.gathered:
+            y_BTH = C.split_to(y_BTH, 1, g.tp)
+        return y_BTH
+
+
+@dataclass
+class ParallelModel:
+    """A CausalLM wired for one rank of a layout, and the gradients to finish after backward."""
+
+    model: CausalLM
+    groups: ParallelGroups
+    grad_groups: list[tuple[nn.Parameter, C.Group]] = field(default_factory=list)
+    moe_hooks: list[_MoEHooks] = field(default_factory=list)
+
+    def finish_grads(self) -> None:
+        """Sum the partial gradients of parameters that saw only part of the tokens or heads."""
+        for param, group in self.grad_groups:
+            if param.grad is not None and group is not None:
+                dist.all_reduce(param.grad, group=group)
+
+
+def _tp_region(module: nn.Module, groups: ParallelGroups, sp: bool) -> None:
+    """Column-parallel in, row-parallel out: the Megatron pattern for attention and dense MLPs."""
+    if sp:
+        module.register_forward_pre_hook(
+            lambda m, a: (C.gather_for_partial(a[0], 1, groups.tp), *a[1:])
+        )
+        module.register_forward_hook(lambda m, a, y: C.reduce_scatter_to(y, 1, groups.tp))
+    else:
+        module.register_forward_pre_hook(lambda m, a: (C.copy_to(a[0], groups.tp), *a[1:]))
+        module.register_forward_hook(lambda m, a, y: C.reduce_from(y, groups.tp))
+
+
+def _vocab_parallel_embedding(embedding: nn.Embedding, groups: ParallelGroups, sp: bool) -> None:
+    rows = embedding.weight.shape[0]
+    start = C.group_rank(groups.tp) * rows
+    masks: list[torch.Tensor] = []
+
+    def before(module, args):
+        (ids_BT,) = args
+        inside = (ids_BT >= start) & (ids_BT < start + rows)
+        masks[:] = [inside]
+        return (torch.where(inside, ids_BT - start, 0),)
+
+    def after(module, args, h_BTH):
+        h_BTH = h_BTH * masks[0][..., None].to(h_BTH.dtype)
+        return C.reduce_scatter_to(h_BTH, 1, groups.tp) if sp else C.reduce_from(h_BTH, groups.tp)
+
+    embedding.register_forward_pre_hook(before)
+    embedding.register_forward_hook(after)
+
+
+def _pad_sequence_for_sp(model: CausalLM, tp: int) -> None:
+    """-sp splits the sequence over tp: pad it to a multiple (pads sit after the real
+    tokens, so causal attention keeps them out of every real token) and drop their logits."""
+    real: list[int] = []
+
+    def before(module, args, kwargs):
+        ids_BT = args[0] if args else kwargs.pop("input_ids_BT")
+        real[:] = [ids_BT.shape[1]]
+        pad = -ids_BT.shape[1] % tp
+        if pad:
+            ids_BT = torch.cat([ids_BT, ids_BT.new_zeros(ids_BT.shape[0], pad)], dim=1)
+        return (ids_BT, *args[1:]), kwargs
+
+    model.register_forward_pre_hook(before, with_kwargs=True)
+    model.register_forward_hook(lambda m, a, logits: logits[:, : real[0]])
+
+
+def parallelize(
+    model: CausalLM, layout: Layout, groups: ParallelGroups, head_repeat: int = 1
+) -> ParallelModel:
+    """Wire `model` (holding, or about to hold, this rank's local shards) for `layout`."""
+    tp, sp = layout.size("tp"), layout.sp
+    pm = ParallelModel(model=model, groups=groups)
+    args = model.args
+    if tp > 1:
+        _vocab_parallel_embedding(model.model.embed_tokens, groups, sp)
+        model.lm_head.register_forward_pre_hook(lambda m, a: (C.copy_to(a[0], groups.tp),))
+        model.lm_head.register_forward_hook(lambda m, a, y: C.gather_from(y, -1, groups.tp))
+    if sp:
+        _pad_sequence_for_sp(model, tp)
+        model.model.norm.register_forward_pre_hook(
+            lambda m, a: (C.gather_from(a[0], 1, groups.tp),)
+        )
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        if tp > 1:
+            attn.n_heads = args.num_heads // tp
+            attn.n_kv_heads = max(1, args.num_kv_heads // tp)
+            _tp_region(attn, groups, sp)
+            # Each rank normalises only its own heads with the shared q/k norm weights.
+            pm.grad_groups += [(attn.q_norm.weight, groups.tp), (attn.k_norm.weight, groups.tp)]
+            if head_repeat > 1:
+                pm.grad_groups += [(attn.k_proj.weight, groups.kv), (attn.v_proj.weight, groups.kv)]
+        if sp:
+            pm.grad_groups += [
+                (layer.input_layernorm.weight, groups.tp),
+                (layer.post_attention_layernorm.weight, groups.tp),
+            ]
+        if isinstance(layer.mlp, MLP) and tp > 1:
+            _tp_region(layer.mlp, groups, sp)
+        elif isinstance(layer.mlp, MoE):
+            hooks = _MoEHooks(layer.mlp, groups, sequence_sharded=sp)
+            pm.moe_hooks.append(hooks)
+            if C.group_size(groups.ep) > 1:
+                # The router saw only this rank's chunk of the tokens.
+                pm.grad_groups.append((layer.mlp.gate.weight, groups.ep))
+    return pm

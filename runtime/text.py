@@ -1,0 +1,80 @@
+"""Text in and out through the checkpoint's own `tokenizer.json` (the `tokenizers` library)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from reshard.errors import CheckpointError
+
+
+class TextCodec:
+    """Encode prompts (optionally through the chat template) and decode generated ids.
+
+    >>> codec = TextCodec("tiny-ep2tp2")
+    >>> codec.decode(codec.encode("Why is the sky blue?"))
+    'Why is the sky blue?'
+    """
+
+    def __init__(self, directory: str | Path):
+        from tokenizers import Tokenizer
+
+        directory = Path(directory)
+        path = directory / "tokenizer.json"
+        if not path.is_file():
+            raise CheckpointError(f"{directory}: no tokenizer.json; cannot turn text into tokens")
+        self.tokenizer = Tokenizer.from_file(str(path))
+        self.config = _read(directory / "tokenizer_config.json")
+        self.chat_template = self.config.get("chat_template")
+        template_file = directory / "chat_template.jinja"
+        if template_file.is_file():
+            self.chat_template = template_file.read_text()
+        self.eos_token_ids = _eos_ids(directory, self.tokenizer, self.config)
+
+    def encode(self, text: str, *, chat: bool = False) -> list[int]:
+        if chat:
+            text = self.apply_chat_template([{"role": "user", "content": text}])
+        ids = self.tokenizer.encode(text, add_special_tokens=not chat).ids
+        if not ids:
+            raise CheckpointError("the prompt is empty after tokenization")
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def apply_chat_template(self, messages: list[dict]) -> str:
+        if not self.chat_template:
+            raise CheckpointError(
+                "--chat: the checkpoint's tokenizer_config.json has no chat_template"
+            )
+        # A sandboxed environment, as transformers uses: templates come from the checkpoint.
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        template = env.from_string(self.chat_template)
+        return template.render(
+            messages=messages, add_generation_prompt=True, **_special_tokens(self.config)
+        )
+
+
+def _read(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _special_tokens(config: dict) -> dict:
+    out = {}
+    for key in ("bos_token", "eos_token", "pad_token"):
+        value = config.get(key)
+        out[key] = value.get("content") if isinstance(value, dict) else value
+    return out
+
+
+def _eos_ids(directory: Path, tokenizer, tok_config: dict) -> list[int]:
+    """eos ids from generation_config.json, else config.json, else the tokenizer's eos_token."""
+    for name in ("generation_config.json", "config.json"):
+        eos = _read(directory / name).get("eos_token_id")
+        if eos is not None:
+            return [eos] if isinstance(eos, int) else list(eos)
+    token = _special_tokens(tok_config).get("eos_token")
+    token_id = tokenizer.token_to_id(token) if token else None
+    return [token_id] if token_id is not None else []
