@@ -132,6 +132,16 @@ class SourceTensor(LazyTensor):
         return f"SourceTensor({Path(self.path).name}:{self.name}, {list(self.shape)})"
 
 
+class InMemoryTensor(LazyTensor):
+    """A tensor already in memory, as a leaf (tests, freshly trained weights)."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor, self.shape, self.dtype = tensor, tuple(tensor.shape), tensor.dtype
+
+    def read(self, box: Box) -> torch.Tensor:
+        return self.tensor[tuple(slice(a, b) for a, b in box)]
+
+
 def _shift(box: Box, dim: int, start: int, stop: int) -> Box:
     return box[:dim] + ((start, stop),) + box[dim + 1 :]
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-TINY_VERSION = 1
+TINY_VERSION = 2
 
 TINY_CONFIGS = {
     "qwen3_moe": {
@@ -84,52 +84,48 @@ def _tokenizer_json() -> str:
     return tokenizer.to_str()
 
 
-def _weights(config: dict, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Per-expert HF-named fp32 weights drawn from one seeded generator (deterministic)."""
-    g = torch.Generator().manual_seed(seed)
-    H, V, hd = config["hidden_size"], config["vocab_size"], config["head_dim"]
-    nh, nkv, E, I = (
-        config[k]
-        for k in (
-            "num_attention_heads",
-            "num_key_value_heads",
-            "num_experts",
-            "moe_intermediate_size",
-        )
-    )
+def _weights(
+    config: dict, tokenizer_json: str, steps: int = 200, seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """HF-named (per-expert) fp32 weights: seeded init, then a few seconds of training on CORPUS.
 
-    def rand(*shape: int, std: float = 0.08) -> torch.Tensor:
-        return torch.randn(*shape, generator=g) * std
+    Training makes the tiny model confident (greedy tokens never hinge on a
+    near tie, so parity tests are robust) and lets `reshard run` print text
+    that reads like the corpus.
+    """
+    from tokenizers import Tokenizer
 
-    def norm(n: int) -> torch.Tensor:
-        return 1.0 + rand(n, std=0.1)
+    from reshard.converters import get_spec
+    from reshard.converters.lazy import InMemoryTensor
+    from reshard.runtime.model import CausalLM, ModelArgs, causal_lm_loss
 
-    w = {"model.embed_tokens.weight": rand(V, H, std=0.5)}
-    for layer in range(config["num_hidden_layers"]):
-        p = f"model.layers.{layer}."
-        w[p + "input_layernorm.weight"] = norm(H)
-        w[p + "post_attention_layernorm.weight"] = norm(H)
-        w[p + "self_attn.q_proj.weight"] = rand(nh * hd, H)
-        w[p + "self_attn.k_proj.weight"] = rand(nkv * hd, H)
-        w[p + "self_attn.v_proj.weight"] = rand(nkv * hd, H)
-        w[p + "self_attn.o_proj.weight"] = rand(H, nh * hd)
-        w[p + "self_attn.q_norm.weight"] = norm(hd)
-        w[p + "self_attn.k_norm.weight"] = norm(hd)
-        w[p + "mlp.gate.weight"] = rand(E, H, std=0.5)
-        for e in range(E):
-            w[p + f"mlp.experts.{e}.gate_proj.weight"] = rand(I, H, std=0.15)
-            w[p + f"mlp.experts.{e}.up_proj.weight"] = rand(I, H, std=0.15)
-            w[p + f"mlp.experts.{e}.down_proj.weight"] = rand(H, I, std=0.15)
-    w["model.norm.weight"] = norm(H)
-    w["lm_head.weight"] = rand(V, H, std=0.3)
-    return w
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = CausalLM(ModelArgs.from_hf_config(config))
+        ids = Tokenizer.from_str(tokenizer_json).encode(CORPUS).ids
+        data = torch.tensor(ids)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+        window = 64
+        for _ in range(steps):
+            starts = torch.randint(0, len(data) - window, (8,))
+            batch = torch.stack([data[s : s + window] for s in starts.tolist()])
+            loss = causal_lm_loss(model(batch), batch)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    # Save in the Hugging Face layout: the spec's converters read backwards unfuse the experts.
+    fused = {n: InMemoryTensor(p.detach().contiguous()) for n, p in model.named_parameters()}
+    return {
+        n: t.materialize().contiguous() for n, t in get_spec("qwen3_moe").to_sources(fused).items()
+    }
 
 
 def write_tiny_checkpoint(family: str, directory: Path) -> None:
     """Write the tiny checkpoint of `family` into `directory` (HF layout, two files + index)."""
     config = TINY_CONFIGS[family]
     directory.mkdir(parents=True, exist_ok=True)
-    weights = _weights(config)
+    tokenizer_json = _tokenizer_json()
+    weights = _weights(config, tokenizer_json)
     names = sorted(weights)
     halves = {
         "model-00001-of-00002.safetensors": names[: len(names) // 2],
@@ -150,7 +146,7 @@ def write_tiny_checkpoint(family: str, directory: Path) -> None:
             indent=2,
         )
     )
-    (directory / "tokenizer.json").write_text(_tokenizer_json())
+    (directory / "tokenizer.json").write_text(tokenizer_json)
     (directory / "tokenizer_config.json").write_text(
         json.dumps(
             {
