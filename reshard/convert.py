@@ -109,7 +109,7 @@ def check_fit(args, layout: Layout) -> None:
         ("num_attention_heads", args.num_heads, "tp", tp),
         ("vocab_size", args.vocab_size, "tp", tp),
     ]
-    ep_label = " x ".join(f"{d}={layout.size(d)}" for d in layout.expert_dims) or "ep"
+    ep_label = " x ".join(layout.expert_dims) or "ep"
     checks.append(("num_experts", args.num_experts, ep_label, layout.expert_parallel_size))
     if not layout.tp2ep:
         checks.append(("moe_intermediate_size", args.moe_intermediate_size, "tp", tp))
