@@ -128,25 +128,31 @@ def _headers(files: list[Path], reader: SliceReader) -> dict[str, SourceTensor]:
 
 
 def _hub_snapshot(repo: str, revision: str | None) -> Path:
-    from huggingface_hub import snapshot_download
+    """Download (or find in the Hub cache) the weights, config and tokenizer files of `repo`.
+
+    huggingface_hub reads HF_HUB_OFFLINE, HF_HOME and HF_HUB_CACHE itself.
+    """
+    from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import (
         HfHubHTTPError,
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
     )
 
+    name = f"hf:{repo}" + (f"@{revision}" if revision else "")
     try:
         return Path(snapshot_download(repo, revision=revision, allow_patterns=_HUB_PATTERNS))
     except LocalEntryNotFoundError as e:
+        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the Hub cannot be reached"
         raise SourceError(
-            f"hf:{repo}: not in the local Hub cache and the Hub cannot be reached (HF_HUB_OFFLINE set?)"
+            f"{name}: not in the local Hub cache ({constants.HF_HUB_CACHE}) and {why}"
         ) from e
     except RepositoryNotFoundError as e:
         raise SourceError(
-            f"hf:{repo}: no such repository, or it is gated (run `hf auth login`)"
+            f"{name}: no such repository, or it is gated (run `hf auth login`)"
         ) from e
     except HfHubHTTPError as e:
-        raise SourceError(f"hf:{repo}: download failed: {e}") from e
+        raise SourceError(f"{name}: download failed: {e}") from e
 
 
 def open_source(text: str) -> Source:

@@ -115,6 +115,9 @@ def transformers_reference(source: Source, ids_BT: torch.Tensor, out: Path) -> N
         raise ReshardError(
             "--reference transformers needs transformers: pip install 'reshard[test]'"
         ) from e
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     model = AutoModelForCausalLM.from_pretrained(str(source.path), dtype=torch.float32)
     out_ = model(input_ids=ids_BT, labels=ids_BT)
     out_.loss.backward()

@@ -180,6 +180,8 @@ def validate(
             },
             "worst_grad": names[int(table[:, 2].argmax())],
             "params_checked": len(ckpt.params),
+            # Routed (token, expert) pairs per expert, all-reduced over the EP group; per MoE layer.
+            "tokens_per_expert": [h.tokens_per_expert.tolist() for h in pm.moe_hooks],
         }
         Path(args.result_file).write_text(json.dumps(result))
 
