@@ -18,7 +18,6 @@ from reshard.converters.ops import (
     Transpose,
 )
 from reshard.converters.spec import ModelSpec, WeightConverter, WeightRenaming
-
 from reshard.errors import ConversionError
 
 __all__ = [

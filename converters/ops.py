@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 from reshard.converters import lazy
 from reshard.converters.lazy import LazyTensor
-
 from reshard.errors import ConversionError
 
 Groups = list[list[LazyTensor]]
@@ -86,7 +85,14 @@ class Concatenate(ConversionOp):
     dim: int
 
     def apply(self, groups: Groups) -> Groups:
-        return [[lazy.Cat(_flat(groups), self.dim)]]
+        parts = _flat(groups)
+        sizes = [t.shape[self.dim] for t in parts]
+        if len(set(sizes)) > 1:
+            # The inverse is an equal Chunk; unequal parts would come back split at the wrong row.
+            raise ConversionError(
+                f"Concatenate(dim={self.dim}): parts of unequal sizes {sizes} cannot be undone"
+            )
+        return [[lazy.Cat(parts, self.dim)]]
 
     def out_groups(self, n_groups: int) -> int:
         return 1

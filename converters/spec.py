@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from reshard.converters.lazy import LazyTensor
-from reshard.converters.ops import ConversionOp, Groups
 
+from reshard.converters.lazy import LazyTensor
+from reshard.converters.ops import ConversionOp
 from reshard.errors import ConversionError
 
 
@@ -101,8 +101,14 @@ class WeightConverter:
             n = op.out_groups(n)
         return WeightConverter(self.target_patterns, self.source_patterns, list(reversed(ops)))
 
-    def convert(self, tensors: Mapping[str, LazyTensor]) -> tuple[dict[str, LazyTensor], set[str]]:
-        """Apply to every match in `tensors`; return the new tensors and the keys consumed."""
+    def convert(
+        self, tensors: Mapping[str, LazyTensor], members: int | None = None
+    ) -> tuple[dict[str, LazyTensor], set[str]]:
+        """Apply to every match in `tensors`; return the new tensors and the keys consumed.
+
+        `members`: how long every merged module list must be (the expert count);
+        without it, the longest list found among the source patterns.
+        """
         matches: dict[tuple[str, tuple[str, ...]], list[dict[int, str]]] = {}
         regexes = [_pattern_regex(p) for p in self.source_patterns]
         for key in tensors:
@@ -117,14 +123,11 @@ class WeightConverter:
                 slots[i][list_index] = key
         out, used = {}, set()
         for (prefix, shared), slots in sorted(matches.items()):
-            groups: Groups = []
-            for pattern, slot in zip(self.source_patterns, slots):
-                if sorted(slot) != list(range(len(slot))) or not slot:
-                    raise ConversionError(
-                        f"{prefix}{pattern}: expected members 0..{max(slot, default=-1)}, found {sorted(slot)}"
-                    )
-                groups.append([tensors[slot[j]] for j in range(len(slot))])
-                used.update(slot.values())
+            groups = [
+                self._members(tensors, prefix, shared, pattern, slot, slots, members)
+                for pattern, slot in zip(self.source_patterns, slots)
+            ]
+            used.update(k for slot in slots for k in slot.values())
             for op in self.operations:
                 groups = op.apply(groups)
             if len(groups) != len(self.target_patterns):
@@ -139,6 +142,30 @@ class WeightConverter:
                     (t,) = group
                     out[prefix + _fill(pattern, shared)] = t
         return out, used
+
+    def _members(self, tensors, prefix, shared, pattern, slot, slots, members) -> list[LazyTensor]:
+        """One source pattern's matches in list order, checked: none missing, none extra, one shape."""
+        if not self._list_in_source:
+            return [tensors[slot[0]]]
+        n = members if members is not None else 1 + max(max(s, default=-1) for s in slots)
+        name = lambda i: prefix + _fill(pattern, (*shared, str(i)))  # noqa: E731
+        missing = [name(i) for i in range(n) if i not in slot]
+        if missing:
+            raise ConversionError(f"missing source tensors ({n} expected): {_listing(missing)}")
+        extra = [slot[i] for i in slot if i >= n]
+        if extra:
+            raise ConversionError(
+                f"source tensors beyond the {n} the config declares: {_listing(extra)}"
+            )
+        keys = [slot[i] for i in range(n)]
+        shapes = [tuple(tensors[k].shape) for k in keys]
+        common = max(set(shapes), key=shapes.count)
+        odd = [f"{k} {list(s)}" for k, s in zip(keys, shapes) if s != common]
+        if odd:
+            raise ConversionError(
+                f"{_listing(odd)}: shape differs from the other members' {list(common)}"
+            )
+        return [tensors[k] for k in keys]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -184,11 +211,11 @@ class ModelSpec:
         for renaming in self.renamings:
             tensors = {renaming.apply(k): v for k, v in tensors.items()}
         expected = self.target_shapes(config)
+        members = getattr(self.model_args(config), "num_experts", None)
         targets, used = {}, set()
         for converter in self.converters:
-            produced, consumed = converter.convert(
-                {k: v for k, v in tensors.items() if k not in used}
-            )
+            rest = {k: v for k, v in tensors.items() if k not in used}
+            produced, consumed = converter.convert(rest, members)
             targets.update(produced)
             used |= consumed
         for key, tensor in tensors.items():

@@ -50,7 +50,7 @@ class ShardedCheckpoint:
 
     def check_rank_file(self, rank: int, *, hash: bool = True) -> None:
         """Raise CheckpointError unless rank `rank`'s file exists, has the manifest's size and hash."""
-        entry, path = self.manifest.ranks[rank], self.rank_path(rank)
+        path, entry = self.rank_path(rank), self.manifest.ranks[rank]  # range-checked first
         if not path.is_file():
             raise CheckpointError(f"{path}: rank file missing")
         if path.stat().st_size != entry.bytes:

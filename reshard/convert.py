@@ -90,7 +90,7 @@ class ConversionPlan:
         """Changes whenever what `rank`'s file should hold changes (source, layout, dtype, slices)."""
         blob = json.dumps(
             {
-                "source": {str(f): f.stat().st_size for f in self.source.files},
+                "source": self.source.file_hashes(),
                 "layout": self.layout.name,
                 "dtype": self.dtype_name,
                 "tensors": [
@@ -208,7 +208,7 @@ def write_rank(
     return RankEntry(**entry, bytes=writer.nbytes, sha256=writer.sha256)
 
 
-def _prepare_out(out: Path) -> None:
+def _prepare_out(out: Path, world: int) -> None:
     if out.exists() and not out.is_dir():
         raise ReshardError(f"--out {out}: exists and is not a directory")
     if out.is_dir() and any(out.iterdir()):
@@ -220,6 +220,14 @@ def _prepare_out(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     # Until the new manifest is written, the directory must not look finished.
     (out / MANIFEST).unlink(missing_ok=True)
+    # Rank files of another world size (an earlier layout) would be mistaken for ours.
+    keep = {rank_file_name(r, world) for r in range(world)}
+    for stale in out.glob("rank-*-of-*.safetensors"):
+        if stale.name not in keep:
+            stale.unlink()
+    for record in (out / PROGRESS_DIR).glob("rank-*.json"):
+        if int(record.stem.split("-")[1]) >= world:
+            record.unlink()
 
 
 def _write_rank_in_worker(job: tuple[ConversionPlan, int, Path]) -> RankEntry:
@@ -236,8 +244,9 @@ def convert(
     from reshard.modelcard import model_card
 
     out = Path(out)
-    _prepare_out(out)
     world = plan.layout.world_size
+    _prepare_out(out, world)
+    plan.source.file_hashes()  # once, before workers fork: fingerprints and the manifest use them
     total = sum(plan.rank_bytes(r) for r in range(world))
     bar = tqdm(
         total=total,

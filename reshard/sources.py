@@ -47,6 +47,7 @@ class Source:
     reader: SliceReader = field(default_factory=SliceReader)
     repo: str | None = None
     revision: str | None = None
+    _hashes: dict[str, str] | None = field(default=None, repr=False)
 
     @property
     def model_type(self) -> str:
@@ -56,12 +57,15 @@ class Source:
         return [self.path / name for name in SIDE_FILES if (self.path / name).is_file()]
 
     def file_hashes(self) -> dict[str, str]:
-        """sha256 of every weight file; free for Hub-cache blobs, which are named by it."""
-        hashes = {}
-        for f in self.files:
-            blob = f.resolve().name
-            hashes[f.name] = blob if re.fullmatch(r"[0-9a-f]{64}", blob) else sha256_file(f)
-        return hashes
+        """sha256 of every weight file, computed once; free for Hub-cache blobs, which are named by it."""
+        if self._hashes is None:
+            self._hashes = {}
+            for f in self.files:
+                blob = f.resolve().name
+                self._hashes[f.name] = (
+                    blob if re.fullmatch(r"[0-9a-f]{64}", blob) else sha256_file(f)
+                )
+        return self._hashes
 
     def describe(self) -> dict:
         return {
@@ -118,12 +122,9 @@ def _headers(files: list[Path], reader: SliceReader) -> dict[str, SourceTensor]:
         except (
             Exception
         ) as e:  # safetensors raises untyped errors, e.g. HeaderTooLarge with no path
-            hint = (
-                " (a git-lfs pointer or a truncated download?)"
-                if path.stat().st_size < 1024
-                else ""
-            )
-            raise SourceError(f"{path}: not a readable safetensors file: {e}{hint}") from e
+            raise SourceError(
+                f"{path}: not a readable safetensors file ({e}); a truncated download or a git-lfs pointer?"
+            ) from e
     return tensors
 
 

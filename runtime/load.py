@@ -17,12 +17,12 @@ import os
 from pathlib import Path
 
 import torch
-from reshard.converters import get_spec
-from reshard.runtime.parallel import ParallelGroups, ParallelModel, parallelize
 
 from reshard.checkpoint import ShardedCheckpoint
+from reshard.converters import get_spec
 from reshard.errors import CheckpointError
 from reshard.placements import to_torch
+from reshard.runtime.parallel import ParallelGroups, ParallelModel, parallelize
 
 
 def _rank(rank: int | None) -> int:

@@ -28,11 +28,11 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-from reshard.runtime import collectives as C
-from reshard.runtime.model import MLP, CausalLM, MoE
 from torch import nn
 
 from reshard.layout import Layout
+from reshard.runtime import collectives as C
+from reshard.runtime.model import MLP, CausalLM, MoE
 
 
 def _new_group(layout: Layout, rank: int, key) -> dist.ProcessGroup | None:

@@ -17,11 +17,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from reshard.runtime.model import causal_lm_loss, rope_cos_sin
 from torch import nn
 
 from reshard.convert import make_plan
 from reshard.layout import Layout
+from reshard.runtime.model import causal_lm_loss, rope_cos_sin
 from reshard.sources import Source
 from reshard.writer import ShardWriter
 

@@ -21,15 +21,15 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from reshard.checkpoint import ShardedCheckpoint
 from reshard.converters.lazy import RepeatBlocks, SliceReader, SourceTensor, read_selection
+from reshard.errors import CheckpointError, ReshardError
 from reshard.runtime.generate import generate
 from reshard.runtime.load import load_parallel_model
 from reshard.runtime.model import KVCache, causal_lm_loss
 from reshard.runtime.reference import GRAD
 from reshard.runtime.text import TextCodec
-
-from reshard.checkpoint import ShardedCheckpoint
-from reshard.errors import CheckpointError, ReshardError
 
 
 def _device(name: str) -> torch.device:
@@ -66,7 +66,8 @@ def run(args: argparse.Namespace, ckpt: ShardedCheckpoint, rank: int, device: to
         )
     pm = load_parallel_model(ckpt, rank, device=device)
     pm.model.eval()
-    cache = KVCache(max_seq_len=len(prompt_ids) + args.max_new_tokens)
+    headroom = ckpt.layout.size("tp")  # -sp pads every step to a multiple of tp, into the cache
+    cache = KVCache(max_seq_len=len(prompt_ids) + args.max_new_tokens + headroom)
     stream = rank == 0 and not args.json
     printed = [""]
 

@@ -1,0 +1,385 @@
+"""`reshard convert` end to end: files, manifest, side files, dtype, workers, resume, verify, plan, inspect.
+
+Sources: the built-in tiny checkpoint and checkpoints written by transformers'
+`save_pretrained` (one file, and an index over several). Oracles: transformers'
+`named_parameters()`, safetensors for every file written, hashlib for the hashes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from reshard.cli import cli
+
+transformers = pytest.importorskip("transformers")
+
+SIDE_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"]
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+
+def run(*args: str, ok: bool = True):
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    if ok:
+        assert result.exit_code == 0, (result.output, result.exception)
+    return result
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def rank_names(world: int) -> list[str]:
+    return [f"rank-{r:05d}-of-{world:05d}.safetensors" for r in range(world)]
+
+
+def header(path: Path) -> tuple[int, dict]:
+    """Offset of the data section and the parsed header of a safetensors file."""
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    return 8 + n, json.loads(raw[8 : 8 + n])
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[offset] ^= 0x01
+    path.write_bytes(bytes(raw))
+
+
+def shard_local(full: torch.Tensor, placements: list[str], mesh_shape, coords) -> torch.Tensor:
+    """DTensor's local shard, spelled out with torch.chunk (placements as the manifest writes them)."""
+    t = full
+    for text, n, r in zip(placements, mesh_shape, coords):
+        if m := re.fullmatch(r"Shard\((\d+)\)", text):
+            d = int(m[1])
+            assert t.shape[d] % n == 0
+            t = torch.chunk(t, n, d)[r]
+        elif m := re.fullmatch(r"_StridedShard\((\d+), split_factor=(\d+)\)", text):
+            d, k = int(m[1]), int(m[2])
+            t = torch.cat([block.chunk(n, d)[r] for block in t.chunk(k, d)], d)
+        else:
+            assert text == "Replicate()", text
+    return t
+
+
+def check_rank_files(out: Path, params: dict[str, torch.Tensor], dtype=None) -> None:
+    """Every rank file opens with safetensors, holds exactly `params`' names, each the right shard."""
+    manifest = json.loads((out / "reshard.json").read_text())
+    mesh_names, mesh_shape = list(manifest["mesh"]), list(manifest["mesh"].values())
+    for entry in manifest["ranks"]:
+        coords = [entry["coords"][d] for d in mesh_names]
+        with safe_open(str(out / entry["file"]), framework="pt") as f:
+            assert sorted(f.keys()) == sorted(params)
+            for name, full in params.items():
+                if dtype is not None:
+                    full = full.to(dtype)
+                want = shard_local(full, manifest["params"][name]["placements"], mesh_shape, coords)
+                got = f.get_tensor(name)
+                assert got.dtype == want.dtype and got.shape == want.shape, (entry["rank"], name)
+                assert torch.equal(got, want), (entry["rank"], name)
+
+
+# --- the main conversion: tiny:qwen3_moe -> ep2tp2 through the CLI -------------------------------
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory, tiny_dir) -> Path:
+    out = tmp_path_factory.mktemp("cli") / "tiny-ep2tp2"
+    result = run("convert", "--src", "tiny:qwen3_moe", "--layout", "ep2tp2", "--out", out)
+    assert "wrote 4 rank files" in result.output
+    return out
+
+
+def test_output_holds_exactly_the_rank_files_and_side_files(out):
+    files = {p.name for p in out.iterdir() if p.is_file()}
+    assert sorted(n for n in files if n.endswith(".safetensors")) == rank_names(4)
+    assert {"reshard.json", "README.md", *SIDE_FILES} <= files
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_manifest_fields(out, tiny_dir, hf_params):
+    m = json.loads((out / "reshard.json").read_text())
+    assert m["format_version"] == 1
+    assert m["source"]["spec"] == "tiny:qwen3_moe"
+    assert m["source"]["files"] == {
+        f.name: sha256(f) for f in sorted(tiny_dir.glob("*.safetensors"))
+    }
+    assert m["model_type"] == "qwen3_moe"
+    assert m["config"] == json.loads((tiny_dir / "config.json").read_text())
+    assert m["layout"] == "ep2tp2"
+    assert m["mesh"] == {"ep": 2, "tp": 2}
+    assert list(m["params"]) == list(hf_params)
+    for name, p in m["params"].items():
+        assert p["shape"] == list(hf_params[name].shape), name
+        assert p["dtype"] == "F32", name
+    styles = {name: p["styles"] for name, p in m["params"].items()}
+    assert styles["model.embed_tokens.weight"] == ["embedding"]
+    assert styles["model.layers.0.self_attn.q_proj.weight"] == ["colwise"]
+    assert styles["model.layers.1.self_attn.o_proj.weight"] == ["rowwise"]
+    assert styles["model.layers.0.mlp.gate.weight"] == ["replicate"]
+    assert styles["model.layers.0.self_attn.k_norm.weight"] == ["replicate"]
+    assert styles["model.layers.1.mlp.experts.gate_up_proj"] == [
+        "grouped_gemm",
+        "moe_tp_gate_up_colwise",
+    ]
+    assert styles["model.layers.1.mlp.experts.down_proj"] == ["grouped_gemm", "moe_tp_down_rowwise"]
+    assert styles["lm_head.weight"] == ["colwise_gather_output"]
+    placements = m["params"]["model.layers.0.mlp.experts.gate_up_proj"]["placements"]
+    assert placements == ["Shard(0)", "_StridedShard(1, split_factor=2)"]
+    assert [r["rank"] for r in m["ranks"]] == [0, 1, 2, 3]
+    for r in m["ranks"]:
+        path = out / r["file"]
+        assert r["file"] == rank_names(4)[r["rank"]]
+        assert r["coords"] == {"ep": r["rank"] // 2, "tp": r["rank"] % 2}
+        assert r["bytes"] == path.stat().st_size
+        assert r["sha256"] == sha256(path)
+
+
+def test_side_files_are_copied(out, tiny_dir):
+    for name in SIDE_FILES:
+        assert (out / name).read_bytes() == (tiny_dir / name).read_bytes(), name
+
+
+def test_readme_has_the_layout_table(out):
+    readme = (out / "README.md").read_text()
+    assert "ep2tp2" in readme
+    rows = [line for line in readme.splitlines() if re.match(r"\| \d+ \|", line)]
+    assert len(rows) == 4
+    for rank, row in enumerate(rows):
+        ep, tp = rank // 2, rank % 2
+        assert f"| {rank} | ep={ep}, tp={tp} | {ep * 8}-{ep * 8 + 7} |" in row
+        assert rank_names(4)[rank] in row
+
+
+def test_rank_files_hold_the_transformers_parameters(out, hf_params):
+    check_rank_files(out, hf_params)
+
+
+def test_rank_files_carry_layout_metadata(out):
+    for rank, name in enumerate(rank_names(4)):
+        with safe_open(str(out / name), framework="pt") as f:
+            meta = f.metadata()
+        assert meta["reshard_layout"] == "ep2tp2" and meta["reshard_rank"] == str(rank)
+
+
+def test_verify_against_the_source_passes(out):
+    result = run("verify", out, "--against", "tiny:qwen3_moe")
+    assert "25 tensors bit-exact" in result.output
+
+
+# --- checkpoints written by transformers ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hf_written(tmp_path_factory, tiny_dir):
+    """Qwen3MoeForCausalLM(config).save_pretrained(): one file, and several files with an index."""
+    config = transformers.Qwen3MoeConfig.from_pretrained(str(tiny_dir))
+    torch.manual_seed(0)
+    model = transformers.Qwen3MoeForCausalLM(config)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # distinct values everywhere, norms included
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    root = tmp_path_factory.mktemp("hf-written")
+    model.save_pretrained(str(root / "single"))
+    model.save_pretrained(str(root / "sharded"), max_shard_size="200KB")
+    assert [p.name for p in (root / "single").glob("*.safetensors")] == ["model.safetensors"]
+    assert (root / "sharded" / "model.safetensors.index.json").is_file()
+    assert len(list((root / "sharded").glob("*.safetensors"))) > 2
+    return root, params
+
+
+@pytest.mark.parametrize("kind, layout", [("single", "ep2tp2"), ("sharded", "tp4-tp2ep")])
+def test_transformers_written_checkpoint(kind, layout, hf_written, tmp_path):
+    root, params = hf_written
+    src = root / kind
+    out = tmp_path / "out"
+    run("convert", "--src", src, "--layout", layout, "--out", out)
+    m = json.loads((out / "reshard.json").read_text())
+    assert m["source"]["files"] == {f.name: sha256(f) for f in src.glob("*.safetensors")}
+    assert sorted(m["params"]) == sorted(params)
+    check_rank_files(out, params)
+    run("verify", out, "--against", src)
+
+
+# --- options -------------------------------------------------------------------------------------
+
+
+def test_dtype_bf16(tmp_path, hf_params):
+    out = tmp_path / "bf16"
+    run("convert", "--src", "tiny:qwen3_moe", "--layout", "tp2", "--out", out, "--dtype", "bf16")
+    m = json.loads((out / "reshard.json").read_text())
+    assert {p["dtype"] for p in m["params"].values()} == {"BF16"}
+    check_rank_files(out, hf_params, dtype=torch.bfloat16)
+    run("verify", out, "--against", "tiny:qwen3_moe")
+
+
+def test_workers_2_writes_the_same_bytes_as_workers_1(out, tmp_path):
+    out2 = tmp_path / "w2"
+    run("convert", "--src", "tiny:qwen3_moe", "--layout", "ep2tp2", "--out", out2, "--workers", 2)
+    for name in rank_names(4):
+        assert (out2 / name).read_bytes() == (out / name).read_bytes(), name
+    ranks = json.loads((out / "reshard.json").read_text())["ranks"]
+    assert json.loads((out2 / "reshard.json").read_text())["ranks"] == ranks
+
+
+# --- resume --------------------------------------------------------------------------------------
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_ino, st.st_mtime_ns
+
+
+def test_rerun_keeps_complete_rank_files_and_rewrites_corrupt_ones(tmp_path):
+    out = tmp_path / "resume"
+    args = ("convert", "--src", "tiny:qwen3_moe", "--layout", "ep2", "--out", out)
+    run(*args)
+    names = rank_names(2)
+    original = {n: (out / n).read_bytes() for n in names}
+    stamps = {n: _stamp(out / n) for n in names}
+    manifest = (out / "reshard.json").read_text()
+
+    run(*args)
+    assert {n: _stamp(out / n) for n in names} == stamps  # kept, not rewritten
+    assert (out / "reshard.json").read_text() == manifest
+
+    data_start, _ = header(out / names[1])
+    flip_byte(out / names[1], data_start + 1000)
+    run(*args)
+    assert _stamp(out / names[0]) == stamps[names[0]]
+    assert (out / names[1]).read_bytes() == original[names[1]]  # rewritten
+
+    (out / names[0]).write_bytes(original[names[0]][: data_start + 10])  # truncated download
+    (out / "reshard.json").unlink()  # an interrupted run
+    run(*args)
+    assert {n: (out / n).read_bytes() for n in names} == original
+    run("verify", out, "--against", "tiny:qwen3_moe")
+
+
+def test_rerun_after_the_source_changed_rewrites(tmp_path, tiny_dir):
+    src = tmp_path / "src"
+    shutil.copytree(tiny_dir, src)
+    out = tmp_path / "out"
+    args = ("convert", "--src", src, "--layout", "tp2", "--out", out)
+    run(*args)
+    file = next(f for f in src.glob("*.safetensors") if "model.norm.weight" in load_file(str(f)))
+    tensors = load_file(str(file))
+    tensors["model.norm.weight"] = tensors["model.norm.weight"] + 1  # same size, new values
+    save_file(tensors, str(file), metadata={"format": "pt"})
+    run(*args)
+    run("verify", out, "--against", src)
+
+
+def test_converting_to_another_layout_in_place_leaves_no_stale_rank_files(tmp_path):
+    out = tmp_path / "relayout"
+    run("convert", "--src", "tiny:qwen3_moe", "--layout", "tp4", "--out", out)
+    run("convert", "--src", "tiny:qwen3_moe", "--layout", "tp2", "--out", out)
+    assert sorted(p.name for p in out.glob("*.safetensors")) == rank_names(2)
+
+
+# --- verify --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def copy(out, tmp_path) -> Path:
+    dst = tmp_path / "copy"
+    shutil.copytree(out, dst)
+    return dst
+
+
+def test_verify_fails_on_a_flipped_byte_and_names_the_file(copy):
+    run("verify", copy)
+    data_start, _ = header(copy / rank_names(4)[2])
+    flip_byte(copy / rank_names(4)[2], data_start + 4)
+    for extra in ([], ["--against", "tiny:qwen3_moe"]):
+        result = run("verify", copy, *extra, ok=False)
+        assert result.exit_code != 0
+        assert "rank-00002-of-00004.safetensors" in result.stderr
+        assert "sha256" in result.stderr
+        for other in (0, 1, 3):
+            assert f"FAIL {copy / rank_names(4)[other]}" not in result.stderr
+
+
+def test_verify_against_catches_changed_values_even_with_matching_hashes(copy):
+    """A rank file edited and re-hashed into the manifest passes the hash check, not --against."""
+    name = rank_names(4)[3]
+    data_start, head = header(copy / name)
+    target = "model.layers.1.mlp.experts.down_proj"
+    flip_byte(copy / name, data_start + head[target]["data_offsets"][0] + 2)
+    manifest = json.loads((copy / "reshard.json").read_text())
+    manifest["ranks"][3]["sha256"] = sha256(copy / name)
+    (copy / "reshard.json").write_text(json.dumps(manifest))
+    run("verify", copy)
+    result = run("verify", copy, "--against", "tiny:qwen3_moe", ok=False)
+    assert result.exit_code != 0
+    failures = [line for line in result.stderr.splitlines() if line.startswith("FAIL")]
+    assert len(failures) == 1 and target in failures[0], result.stderr
+
+
+def test_verify_against_a_source_that_differs(out, tiny_dir, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(tiny_dir, src)
+    for f in src.glob("*.safetensors"):
+        tensors = load_file(str(f))
+        if "model.layers.0.self_attn.q_norm.weight" in tensors:
+            tensors["model.layers.0.self_attn.q_norm.weight"][3] += 0.5
+            save_file(tensors, str(f), metadata={"format": "pt"})
+    result = run("verify", out, "--against", src, ok=False)
+    assert result.exit_code != 0
+    failures = [line for line in result.stderr.splitlines() if line.startswith("FAIL")]
+    assert len(failures) == 1 and "model.layers.0.self_attn.q_norm.weight" in failures[0]
+
+
+# --- plan and inspect ----------------------------------------------------------------------------
+
+
+def test_plan_prints_one_row_per_rank_and_writes_nothing(tmp_path, convert_tiny, reshard_cache):
+    from reshard.modelcard import human_bytes
+
+    cache_before = sorted(p.relative_to(reshard_cache) for p in reshard_cache.rglob("*"))
+    runner = CliRunner()
+    with runner.isolated_filesystem(temp_dir=tmp_path) as cwd:
+        result = runner.invoke(cli, ["plan", "--src", "tiny:qwen3_moe", "--layout", "ep4tp2"])
+        assert result.exit_code == 0, result.output
+        assert os.listdir(cwd) == []
+    assert sorted(p.relative_to(reshard_cache) for p in reshard_cache.rglob("*")) == cache_before
+    rows = [line for line in result.output.splitlines() if re.match(r"\| \d+ \|", line)]
+    assert len(rows) == 8
+    converted = convert_tiny("ep4tp2")
+    for rank, row in enumerate(rows):
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        ep = rank // 2
+        assert cells[0] == str(rank)
+        assert cells[2] == f"{ep * 4}-{ep * 4 + 3}"  # experts held
+        path = converted / rank_names(8)[rank]
+        data_start, _ = header(path)
+        assert cells[4] == human_bytes(path.stat().st_size - data_start), rank  # tensor bytes
+
+
+def test_inspect_shows_layout_and_params(out):
+    result = run("inspect", out)
+    assert "layout ep2tp2" in result.output and "4 ranks" in result.output
+    m = json.loads((out / "reshard.json").read_text())
+    lines = result.output.splitlines()
+    for name, p in m["params"].items():
+        (line,) = [line for line in lines if line.strip().startswith(name + " ")]
+        assert " ".join(p["placements"]) in line
+    for r in m["ranks"]:
+        assert any(r["file"] in line for line in lines)
+    as_json = run("inspect", out, "--json")
+    assert json.loads(as_json.output) == m
