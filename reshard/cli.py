@@ -19,6 +19,13 @@ LAYOUT_HELP = (
 
 src_option = click.option("--src", required=True, metavar="SRC", help=SRC_HELP)
 layout_option = click.option("--layout", required=True, metavar="LAYOUT", help=LAYOUT_HELP)
+dtype_option = click.option(
+    "--dtype",
+    type=click.Choice(["keep", "bf16", "fp16", "fp32"]),
+    default="keep",
+    show_default=True,
+    help="Cast floating-point tensors while writing.",
+)
 quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 
 
@@ -45,13 +52,7 @@ def cli() -> None:
 @click.option(
     "--out", required=True, type=click.Path(path_type=Path), help="Output directory (created)."
 )
-@click.option(
-    "--dtype",
-    type=click.Choice(["keep", "bf16", "fp16", "fp32"]),
-    default="keep",
-    show_default=True,
-    help="Cast floating-point tensors while writing.",
-)
+@dtype_option
 @click.option(
     "--workers",
     type=click.IntRange(min=1),
@@ -91,12 +92,7 @@ def convert(src: str, layout: str, out: Path, dtype: str, workers: int, quiet: b
 @cli.command()
 @src_option
 @layout_option
-@click.option(
-    "--dtype",
-    type=click.Choice(["keep", "bf16", "fp16", "fp32"]),
-    default="keep",
-    show_default=True,
-)
+@dtype_option
 def plan(src: str, layout: str, dtype: str) -> None:
     """Print the per-rank table (bytes, tensors, experts held) without writing anything.
 
