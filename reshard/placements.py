@@ -17,8 +17,10 @@ the part of the tensor is their product (`Selection`).
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from reshard.errors import LayoutError
@@ -178,3 +180,16 @@ def local_selection(
 
 def selection_shape(selection: Selection) -> tuple[int, ...]:
     return tuple(_length(ranges) for ranges in selection)
+
+
+def boxes(selection: Selection) -> Iterator[tuple[tuple[slice, ...], tuple[slice, ...]]]:
+    """The contiguous boxes of a selection: (slices into the global tensor, slices into the local one)."""
+    per_dim = []
+    for ranges in selection:
+        pairs, offset = [], 0
+        for a, b in ranges:
+            pairs.append((slice(a, b), slice(offset, offset + b - a)))
+            offset += b - a
+        per_dim.append(pairs)
+    for combo in itertools.product(*per_dim):
+        yield tuple(g for g, _ in combo), tuple(loc for _, loc in combo)

@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 
 from reshard.checkpoint import ShardedCheckpoint
-from reshard.placements import Selection
+from reshard.placements import Selection, boxes
 
 
 @dataclass
@@ -18,22 +18,18 @@ class Finding:
     what: str
 
 
-def _index(selection: Selection) -> tuple[torch.Tensor, ...]:
-    """Per-dim index tensors for a selection (for scattering a local tensor into the global one)."""
-    return tuple(
-        torch.cat([torch.arange(a, b) for a, b in ranges])
-        if ranges
-        else torch.empty(0, dtype=torch.long)
-        for ranges in selection
-    )
-
-
-def _place(global_t: torch.Tensor, local: torch.Tensor, selection: Selection) -> torch.Tensor:
-    """Write `local` into `global_t` at `selection`; return what was there (for replica checks)."""
-    index = torch.meshgrid(*_index(selection), indexing="ij")
-    before = global_t[index].clone()
-    global_t[index] = local
-    return before
+def _place(
+    full: torch.Tensor, seen: torch.Tensor, local: torch.Tensor, selection: Selection
+) -> bool:
+    """Write `local` into `full` at `selection`, box by box; False if it contradicts an earlier replica."""
+    agree = True
+    for g, loc in boxes(selection):
+        held = seen[g]
+        if held.any() and not _bits_equal(full[g][held], local[loc][held]):
+            agree = False
+        full[g] = local[loc]
+        seen[g] = True
+    return agree
 
 
 def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -61,7 +57,6 @@ def check_against(ckpt: ShardedCheckpoint, plan) -> Iterator[Finding]:
     every rank's local tensor must equal the global tensor at its selection.
     """
     world = ckpt.layout.world_size
-    handles = [safe_open(str(ckpt.rank_path(r)), framework="pt") for r in range(world)]
     for name, p in ckpt.params.items():
         if name not in plan.params:
             yield Finding(False, f"{name}: not a parameter of the source")
@@ -70,12 +65,10 @@ def check_against(ckpt: ShardedCheckpoint, plan) -> Iterator[Finding]:
         seen = torch.zeros(p.shape, dtype=torch.bool)
         replicas_agree = True
         for rank in range(world):
-            sel = ckpt.selection(name, rank)
-            local = handles[rank].get_tensor(name)
-            was_seen = _place(seen, torch.ones_like(local, dtype=torch.bool), sel)
-            before = _place(full, local, sel)
-            if was_seen.any() and not _bits_equal(before[was_seen], local[was_seen]):
-                replicas_agree = False
+            # Opened per tensor so mapped pages of the rank files are released as we go.
+            with safe_open(str(ckpt.rank_path(rank)), framework="pt") as f:
+                local = f.get_tensor(name)
+            replicas_agree &= _place(full, seen, local, ckpt.selection(name, rank))
         expected = plan.targets[name].materialize()
         if not seen.all():
             yield Finding(False, f"{name}: {int((~seen).sum())} elements are held by no rank")
