@@ -354,7 +354,9 @@ def test_missing_target_is_an_error_naming_it(tiny_source):
 def test_missing_middle_expert_is_a_conversion_error(tiny_source):
     tensors = dict(tiny_source.tensors)
     del tensors["model.layers.1.mlp.experts.7.up_proj.weight"]
-    with pytest.raises(ConversionError, match=re.escape("model.layers.1.mlp.experts.7.up_proj.weight")):
+    with pytest.raises(
+        ConversionError, match=re.escape("model.layers.1.mlp.experts.7.up_proj.weight")
+    ):
         get_spec("qwen3_moe").to_targets(tensors, tiny_source.config)
 
 
