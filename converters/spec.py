@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +51,29 @@ def _fill(pattern: str, indices: tuple[str, ...]) -> str:
     for index, part in zip(indices, parts[1:]):
         out += index + part
     return out
+
+
+@contextmanager
+def _skip_init() -> Iterator[None]:
+    """No-op the nn.init functions: on meta tensors they do nothing useful, yet cost
+    every rank a second or more (they import torch._dynamo)."""
+    names = [
+        "normal_",
+        "uniform_",
+        "kaiming_uniform_",
+        "trunc_normal_",
+        "zeros_",
+        "ones_",
+        "constant_",
+    ]
+    saved = {n: getattr(torch.nn.init, n) for n in names}
+    try:
+        for n in names:
+            setattr(torch.nn.init, n, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(torch.nn.init, n, f)
 
 
 @dataclass(frozen=True)
@@ -192,11 +216,14 @@ class ModelSpec:
     model_args: Callable[[dict], Any]
     model: Callable[[Any], torch.nn.Module]
 
+    def meta_model(self, config: dict) -> torch.nn.Module:
+        """The model with every parameter on the meta device: names and shapes, no memory."""
+        with torch.device("meta"), _skip_init():
+            return self.model(self.model_args(config))
+
     def target_shapes(self, config: dict) -> dict[str, tuple[int, ...]]:
-        """Global shape of every model parameter, from the model built on the meta device."""
-        with torch.device("meta"):
-            model = self.model(self.model_args(config))
-        return {name: tuple(p.shape) for name, p in model.named_parameters()}
+        """Global shape of every model parameter."""
+        return {name: tuple(p.shape) for name, p in self.meta_model(config).named_parameters()}
 
     def styles_for(self, name: str) -> tuple[str, ...]:
         """The plan's styles for target parameter `name` (first matching glob wins)."""

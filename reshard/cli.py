@@ -400,7 +400,7 @@ def validate(
 ) -> None:
     """Check a sharded checkpoint numerically: parallel forward+backward vs a single-process reference.
 
-    Runs a fixed batch (2 x 13 tokens) through the parallel model under the
+    Runs a fixed batch (3 x 13 tokens) through the parallel model under the
     checkpoint's layout, in fp32, and compares logits, loss and every rank's
     local gradient shard with the reference on SRC. Exits 0 only when every
     max abs diff is within --tolerance.

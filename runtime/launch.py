@@ -7,6 +7,7 @@ torchrun's own rendezvous flags are passed through, nproc = world / nnodes.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -82,6 +83,8 @@ def launch(
         messages = sorted(Path(errors).glob("rank-*.txt"), key=lambda p: int(p.stem.split("-")[1]))
         if messages:
             raise ReshardError(messages[0].read_text().strip())
-        tail = [line for line in (proc.stderr or "").splitlines() if line.strip()]
-        hint = tail[-1] if tail else f"exit code {proc.returncode}"
+        lines = [line.strip() for line in (proc.stderr or "").splitlines()]
+        lines = [line for line in lines if line and not set(line) <= set("=*-")]  # no banners
+        errors = [line for line in lines if re.search(r"\w+(Error|Exception)\b", line)]
+        hint = (errors or lines or [f"exit code {proc.returncode}"])[-1]
         raise ReshardError(f"the ranks failed ({hint}); set RESHARD_DEBUG=1 to see their output")

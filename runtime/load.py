@@ -86,10 +86,7 @@ def load_parallel_model(
     ckpt: ShardedCheckpoint, rank: int, *, device: torch.device, dtype: torch.dtype | None = None
 ) -> ParallelModel:
     """Build the model on the meta device, wire it for the layout, and load this rank's shards."""
-    spec = get_spec(ckpt.manifest.model_type)
-    args = spec.model_args(ckpt.manifest.config)
-    with torch.device("meta"):
-        model = spec.model(args)
+    model = get_spec(ckpt.manifest.model_type).meta_model(ckpt.manifest.config)
     state = ckpt.load_rank(rank, device=device)
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}

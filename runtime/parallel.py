@@ -93,7 +93,7 @@ class _MoEState:
 
     shape_BTH: torch.Size | None = None
     gathered: bool = False
-    valid_rows: int = 0
+    valid_T: torch.Tensor | None = None
     order_M: torch.Tensor | None = None
     in_splits: list[int] = field(default_factory=list)
     out_splits: list[int] = field(default_factory=list)
@@ -108,9 +108,11 @@ def _pad_rows(x_TH: torch.Tensor, multiple: int) -> torch.Tensor:
 class _MoEHooks:
     """Token movement around one MoE layer: split -> route -> dispatch -> experts -> combine -> gather."""
 
-    def __init__(self, moe: MoE, groups: ParallelGroups, sequence_sharded: bool):
+    def __init__(self, moe: MoE, groups: ParallelGroups, real_tokens: list[int] | None):
         self.groups, self.state = groups, _MoEState()
-        self.sp = sequence_sharded
+        # -sp: a one-element list holding the sequence length before padding (set per forward).
+        self.real_tokens = real_tokens
+        self.sp = sequence_sharded = real_tokens is not None
         n_ep = C.group_size(groups.ep)
         # With -sp and the tokens already split over exactly the EP group (tp2ep, no ep dim),
         # each rank routes its own sequence shard: nothing to gather or split.
@@ -131,20 +133,27 @@ class _MoEHooks:
             x_BTH = C.gather_from(x_BTH, 1, g.tp)
         s.shape_BTH = x_BTH.shape
         x_TH = x_BTH.reshape(-1, x_BTH.shape[-1])
-        s.valid_rows = x_TH.shape[0]
+        s.valid_T = self._real_rows(*x_BTH.shape[:2], device=x_BTH.device)
         n = C.group_size(g.ep)
         if n > 1 and not self.sp_is_split:
             # Pad to a multiple of the EP size; pad rows are routed to expert 0 with weight 0.
             x_TH = C.split_to(_pad_rows(x_TH, n), 0, g.ep)
-            chunk = x_TH.shape[0]
-            s.valid_rows = max(0, min(chunk, s.valid_rows - C.group_rank(g.ep) * chunk))
+            chunk, pad = x_TH.shape[0], -s.valid_T.shape[0] % n
+            valid_T = torch.cat([s.valid_T, s.valid_T.new_zeros(pad)])
+            s.valid_T = valid_T[C.group_rank(g.ep) * chunk :][:chunk]
         return (x_TH.unsqueeze(0),)
+
+    def _real_rows(self, B: int, T: int, device: torch.device) -> torch.Tensor:
+        """[B * T] bool: which rows are tokens of the input, not -sp sequence padding."""
+        if self.real_tokens is None:
+            return torch.ones(B * T, dtype=torch.bool, device=device)
+        first = C.group_rank(self.groups.tp) * T if self.sp_is_split else 0
+        return (torch.arange(first, first + T, device=device) < self.real_tokens[0]).repeat(B)
 
     def after_router(self, module, args, output):
         ids_TK, weights_TK = output
-        valid_T1 = (torch.arange(ids_TK.shape[0], device=ids_TK.device) < self.state.valid_rows)[
-            :, None
-        ]
+        # Pad rows (EP chunk padding, -sp sequence padding) go to expert 0 with weight 0.
+        valid_T1 = self.state.valid_T[:, None]
         ids_TK = torch.where(valid_T1, ids_TK, 0)
         weights_TK = torch.where(valid_T1, weights_TK, 0)
         counts = torch.bincount(ids_TK[valid_T1.expand_as(ids_TK)], minlength=self.num_experts)
@@ -242,7 +251,7 @@ def _vocab_parallel_embedding(embedding: nn.Embedding, groups: ParallelGroups, s
     embedding.register_forward_hook(after)
 
 
-def _pad_sequence_for_sp(model: CausalLM, tp: int) -> None:
+def _pad_sequence_for_sp(model: CausalLM, tp: int) -> list[int]:
     """-sp splits the sequence over tp: pad it to a multiple (pads sit after the real
     tokens, so causal attention keeps them out of every real token) and drop their logits."""
     real: list[int] = []
@@ -257,6 +266,7 @@ def _pad_sequence_for_sp(model: CausalLM, tp: int) -> None:
 
     model.register_forward_pre_hook(before, with_kwargs=True)
     model.register_forward_hook(lambda m, a, logits: logits[:, : real[0]])
+    return real
 
 
 def parallelize(
@@ -270,8 +280,8 @@ def parallelize(
         _vocab_parallel_embedding(model.model.embed_tokens, groups, sp)
         model.lm_head.register_forward_pre_hook(lambda m, a: (C.copy_to(a[0], groups.tp),))
         model.lm_head.register_forward_hook(lambda m, a, y: C.gather_from(y, -1, groups.tp))
+    real_tokens = _pad_sequence_for_sp(model, tp) if sp else None
     if sp:
-        _pad_sequence_for_sp(model, tp)
         model.model.norm.register_forward_pre_hook(
             lambda m, a: (C.gather_from(a[0], 1, groups.tp),)
         )
@@ -293,7 +303,7 @@ def parallelize(
         if isinstance(layer.mlp, MLP) and tp > 1:
             _tp_region(layer.mlp, groups, sp)
         elif isinstance(layer.mlp, MoE):
-            hooks = _MoEHooks(layer.mlp, groups, sequence_sharded=sp)
+            hooks = _MoEHooks(layer.mlp, groups, real_tokens)
             pm.moe_hooks.append(hooks)
             if C.group_size(groups.ep) > 1:
                 # The router saw only this rank's chunk of the tokens.

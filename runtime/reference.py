@@ -28,8 +28,9 @@ from reshard.writer import ShardWriter
 GRAD = "grad/"
 
 
-def fixed_batch(vocab_size: int, batch: int = 2, seq_len: int = 13, seed: int = 0) -> torch.Tensor:
-    """The validation batch: seeded random ids; 13 tokens so that no tp/ep size divides it."""
+def fixed_batch(vocab_size: int, batch: int = 3, seq_len: int = 13, seed: int = 0) -> torch.Tensor:
+    """The validation batch: seeded random ids. 13 tokens and 3 x 13 = 39 rows, so no
+    power-of-two tp (sequence padding) or ep size (token-chunk padding) divides them."""
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab_size, (batch, seq_len), generator=g)
 
@@ -48,8 +49,7 @@ def streamed_reference(source: Source, ids_BT: torch.Tensor, out: Path) -> None:
     """Forward and backward of `ids_BT` (labels = ids) on `source`, one layer in memory at a time."""
     plan = make_plan(source, Layout.parse("tp1"))
     args, spec = plan.args, plan.spec
-    with torch.device("meta"):
-        skeleton = spec.model(args)
+    skeleton = spec.meta_model(source.config)
 
     def load(module: nn.Module, prefix: str) -> nn.Module:
         state = {

@@ -23,7 +23,10 @@ class TextCodec:
         path = directory / "tokenizer.json"
         if not path.is_file():
             raise CheckpointError(f"{directory}: no tokenizer.json; cannot turn text into tokens")
-        self.tokenizer = Tokenizer.from_file(str(path))
+        try:
+            self.tokenizer = Tokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises untyped errors
+            raise CheckpointError(f"{path}: not a readable tokenizer.json ({e})") from e
         self.config = _read(directory / "tokenizer_config.json")
         self.chat_template = self.config.get("chat_template")
         template_file = directory / "chat_template.jinja"

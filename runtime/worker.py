@@ -16,6 +16,7 @@ import json
 import os
 import sys
 import time
+import traceback
 from datetime import timedelta
 from pathlib import Path
 
@@ -219,12 +220,17 @@ def main(argv: list[str] | None = None) -> int:
         (run if args.mode == "run" else validate)(args, ckpt, rank, device)
         dist.barrier()
         return 0
-    except ReshardError as e:
+    except Exception as e:
+        # One line for the launcher to print; the traceback of an unexpected error goes to
+        # stderr, which the launcher shows with RESHARD_DEBUG=1.
+        message = str(e) if isinstance(e, ReshardError) else f"{type(e).__name__}: {e}"
+        if not isinstance(e, ReshardError):
+            traceback.print_exc()
         error_dir = os.environ.get("RESHARD_ERROR_DIR")
         if error_dir:
-            Path(error_dir, f"rank-{rank}.txt").write_text(str(e))
+            Path(error_dir, f"rank-{rank}.txt").write_text(message)
         else:
-            print(f"error (rank {rank}): {e}", file=sys.stderr)
+            print(f"error (rank {rank}): {message}", file=sys.stderr)
         return 1
     finally:
         if dist.is_initialized():

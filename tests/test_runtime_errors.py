@@ -1,0 +1,211 @@
+"""Bad input to `reshard run` / `reshard validate`, through the real command line.
+
+Each mistake must end the command (and every rank it started) with exit code 1
+and one clear `error:` line on stderr that names the problem; never a
+traceback, never a hang. Every subprocess runs in its own session under a
+timeout, and the tests check that no process of that session is left behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+HINT = "(set RESHARD_DEBUG=1 for the traceback)"
+LAUNCH_TIMEOUT_S = 180  # a launch that fails must still end well before this
+
+
+def _reshard_cmd() -> list[str]:
+    script = Path(sys.executable).with_name("reshard")
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "reshard.cli"]
+
+
+@dataclass
+class Finished:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def error_lines(self) -> list[str]:
+        return [line for line in self.stderr.splitlines() if line.strip()]
+
+
+def _run(cmd: list[str], *, timeout: float, env: dict | None = None) -> Finished:
+    """Run `cmd` in a new session; fail the test if it, or anything it started, outlives `timeout`."""
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env=env,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{' '.join(cmd[:4])} ... did not finish in {timeout}s:\n{err[-3000:]}")
+    _assert_session_gone(proc.pid)
+    return Finished(proc.returncode, out, err)
+
+
+def _assert_session_gone(pgid: int, grace_s: float = 10.0) -> None:
+    """Every process of the command's session (torchrun and its ranks) has exited."""
+    deadline = time.monotonic() + grace_s
+    while True:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        if time.monotonic() > deadline:
+            os.killpg(pgid, signal.SIGKILL)
+            pytest.fail(f"processes of session {pgid} were still running {grace_s}s after it ended")
+        time.sleep(0.1)
+
+
+def reshard(*args: str, timeout: float = 60) -> Finished:
+    return _run([*_reshard_cmd(), *args], timeout=timeout)
+
+
+def assert_one_clear_error(result: Finished, *fragments: str) -> str:
+    """Exit 1; stderr is exactly `error: ...` plus the debug hint; the error names `fragments`."""
+    assert result.returncode == 1, (result.returncode, result.stderr[-3000:])
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    lines = result.error_lines
+    assert len(lines) == 2 and lines[1] == HINT, lines
+    error = lines[0]
+    assert error.startswith("error: "), error
+    for fragment in fragments:
+        assert fragment in error, (fragment, error)
+    return error
+
+
+def _flip_a_data_byte(path: Path) -> None:
+    """Corrupt one byte of tensor data (not the header), keeping the file size."""
+    data = bytearray(path.read_bytes())
+    header_len = int.from_bytes(data[:8], "little")
+    offset = 8 + header_len + (len(data) - 8 - header_len) // 2
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture
+def tp2_copy(convert_tiny, tmp_path) -> Path:
+    """A private copy of the tp2 checkpoint that a test may damage."""
+    return Path(shutil.copytree(convert_tiny("tp2"), tmp_path / "tp2"))
+
+
+RUN = ("run", "--prompt", "Why is the sky blue?", "--max-new-tokens", "2", "--device", "cpu")
+
+
+def _command(kind: str, directory: Path) -> list[str]:
+    if kind == "run":
+        return [RUN[0], str(directory), *RUN[1:]]
+    return ["validate", str(directory), "--against", "tiny:qwen3_moe", "--device", "cpu"]
+
+
+# --- not a finished checkpoint: refused before any rank starts ----------------------------------
+
+
+@pytest.mark.parametrize("kind", ["run", "validate"])
+def test_directory_without_manifest(kind, tp2_copy):
+    (tp2_copy / "reshard.json").unlink()  # an interrupted convert
+    error = assert_one_clear_error(
+        reshard(*_command(kind, tp2_copy)), "not a finished sharded checkpoint", "reshard.json"
+    )
+    assert str(tp2_copy) in error
+
+
+def test_hf_source_directory_is_not_a_sharded_checkpoint(tiny_dir):
+    assert_one_clear_error(
+        reshard(*_command("run", tiny_dir)), str(tiny_dir), "not a finished sharded checkpoint"
+    )
+
+
+def test_no_such_directory(tmp_path):
+    missing = tmp_path / "nowhere"
+    assert_one_clear_error(
+        reshard(*_command("validate", missing)), str(missing), "no such directory"
+    )
+
+
+@pytest.mark.parametrize("kind", ["run", "validate"])
+def test_missing_rank_file(kind, tp2_copy):
+    path = tp2_copy / "rank-00001-of-00002.safetensors"
+    path.unlink()
+    assert_one_clear_error(reshard(*_command(kind, tp2_copy)), str(path), "missing")
+
+
+def test_layout_option_that_contradicts_the_checkpoint(convert_tiny):
+    directory = convert_tiny("tp2")
+    result = reshard(*_command("run", directory), "--layout", "ep2")
+    assert_one_clear_error(result, "holds layout tp2", "--layout ep2")
+
+
+@pytest.mark.parametrize(
+    "nodes, fragments",
+    [
+        (["--nnodes", "3"], ["--nnodes 3 does not divide the layout's 2 ranks"]),
+        (["--nnodes", "2"], ["--nnodes > 1 needs --rdzv-endpoint"]),
+    ],
+)
+def test_bad_multi_node_options(convert_tiny, nodes, fragments):
+    result = reshard(*_command("run", convert_tiny("tp2")), *nodes)
+    assert_one_clear_error(result, *fragments)
+
+
+# --- refused by the ranks: the launcher reports one rank's message ------------------------------
+
+
+def test_rank_file_with_a_wrong_hash(tp2_copy):
+    path = tp2_copy / "rank-00001-of-00002.safetensors"
+    size = path.stat().st_size
+    _flip_a_data_byte(path)
+    assert path.stat().st_size == size  # passes the size check; only the hash can tell
+    result = reshard(*_command("run", tp2_copy), timeout=LAUNCH_TIMEOUT_S)
+    assert_one_clear_error(result, str(path), "sha256")
+    assert result.stdout == ""  # no rank generated anything
+
+
+def test_unreadable_tokenizer_json(tp2_copy):
+    """A rank that hits a low-level error: the user still gets one line naming the file."""
+    (tp2_copy / "tokenizer.json").write_text("<html>not a tokenizer</html>")
+    result = reshard(*_command("run", tp2_copy), timeout=LAUNCH_TIMEOUT_S)
+    assert_one_clear_error(result, "tokenizer.json")
+
+
+def test_prompt_longer_than_the_context(convert_tiny):
+    directory = convert_tiny("tp2")
+    prompt = "Why is the sky blue? " * 100  # 700 tokens; tiny's context is 512
+    args = ["run", str(directory), "--prompt", prompt, "--max-new-tokens", "4", "--device", "cpu"]
+    result = reshard(*args, timeout=LAUNCH_TIMEOUT_S)
+    error = assert_one_clear_error(result, "prompt is 700 tokens", "context of 512 tokens")
+    assert "--max-new-tokens 4" in error
+
+
+def test_worker_started_with_the_wrong_world_size(convert_tiny, tmp_path):
+    directory = convert_tiny("ep2tp2")  # 4 ranks
+    errors = tmp_path / "errors"
+    errors.mkdir()
+    env = dict(os.environ, RESHARD_ERROR_DIR=str(errors), OMP_NUM_THREADS="1")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    worker = ["-m", "reshard.runtime.worker", "run", "--ckpt", str(directory), "--prompt", "hi"]
+    cmd = [*torchrun, "--nproc-per-node", "3", *worker, "--device", "cpu", "--timeout", "60"]
+    result = _run(cmd, timeout=LAUNCH_TIMEOUT_S, env=env)
+    assert result.returncode != 0
+    messages = {p.name: p.read_text() for p in errors.glob("rank-*.txt")}
+    assert messages, f"no rank wrote an error file:\n{result.stderr[-3000:]}"
+    assert set(messages) <= {"rank-0.txt", "rank-1.txt", "rank-2.txt"}
+    for name, text in messages.items():
+        assert "layout ep2tp2 needs 4 ranks, started with 3" in text, (name, text)
+        assert "\n" not in text.strip(), (name, text)

@@ -1,0 +1,386 @@
+"""The parallel runtime against transformers, one row per layout, through the real CLI.
+
+For every layout in CASES the checkpoint is converted, then `reshard validate
+--json` (torchrun, gloo, one process per rank) compares the parallel forward
+and backward of a fixed batch with a single-process reference: transformers'
+own Qwen3MoeForCausalLM (`--reference transformers`) or the streamed
+reference (the default). `reshard run --json` must generate exactly the
+tokens that transformers' `generate(do_sample=False)` produces, from a prompt
+whose length no tp / ep / world size divides (so the padding paths run in the
+prefill, and every decode step is a single token split over the ranks).
+
+Sources: the built-in tiny:qwen3_moe, and a checkpoint written by transformers
+itself (`save_pretrained`, with a tokenizer.json made here with `tokenizers`).
+
+Launching ranks costs seconds, so the launches of all selected tests are
+started up front, two at a time, in a background pool; each test waits for its
+own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+TOL = 1e-4
+MAX_NEW_TOKENS = 12
+JOB_TIMEOUT_S = 420  # 16 CPU ranks on a busy 2-core machine
+COLLECTIVE_TIMEOUT_S = "180"  # no rank waits longer than this in a collective
+CONCURRENT_LAUNCHES = 2
+
+TINY = "tiny"
+HF_WRITTEN = "hf-written"
+PROMPTS = {
+    TINY: "Why is the sea blue? It reflects",  # 13 tokens of tiny's BPE
+    HF_WRITTEN: "Why is the sky blue",  # 19 tokens: the tokenizer written below is byte-level
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    source: str
+    layout: str
+    references: tuple[str, ...]  # validate against each of these
+    generate: bool = True
+    why: str = ""
+
+    @property
+    def id(self) -> str:
+        return f"{self.source}-{self.layout}"
+
+
+CASES = [
+    Case(TINY, "tp2", ("transformers",)),
+    Case(TINY, "ep2", ("transformers",), why="pad rows: 13 prompt tokens, 1 per decode step"),
+    Case(TINY, "ep2tp2", ("transformers",), why="experts: Shard(0) over ep, strided over tp"),
+    Case(TINY, "tp4-tp2ep", ("transformers",), why="EP on the TP mesh, whole experts"),
+    Case(TINY, "tp2-sp", ("transformers",), generate=False, why="sequence-sharded activations"),
+    Case(TINY, "tp4-sp", (), why="every 1-token decode step is padded to 4 rows"),
+    Case(TINY, "ep2tp2-sp", ("streamed",), generate=False),
+    Case(TINY, "ep4tp4", ("transformers",), generate=False, why="16 ranks: one launch is enough"),
+    Case(HF_WRITTEN, "tp2", ("transformers", "streamed")),
+    Case(HF_WRITTEN, "ep2", ("transformers", "streamed")),
+    # 2 kv heads over tp4: every rank holds a repeated k/v head (4 ranks, where tiny needs tp8).
+    Case(HF_WRITTEN, "tp4", ("transformers",), generate=False, why="tp > kv heads"),
+]
+VALIDATE = [(c, ref) for c in CASES for ref in c.references]
+GENERATE = [c for c in CASES if c.generate]
+
+
+def _mesh(layout: str) -> dict[str, int]:
+    head = layout.split("-")[0]
+    return {name: int(size) for name, size in re.findall(r"(dp|ep|tp)(\d+)", head)}
+
+
+def _world(layout: str) -> int:
+    world = 1
+    for size in _mesh(layout).values():
+        world *= size
+    return world
+
+
+# --- a checkpoint written by transformers ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hf_written_dir(tmp_path_factory) -> Path:
+    """`Qwen3MoeForCausalLM(config).save_pretrained()`, plus a byte-level tokenizer.json.
+
+    transformers' own init is nearly uniform (std 0.02, norms all ones): greedy
+    tokens and top-k routing would hinge on near ties. Every weight is redrawn
+    with std 0.2 and every norm as 1 + N(0, 0.1), seeded.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    config = transformers.Qwen3MoeConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        num_hidden_layers=2,
+        norm_topk_prob=True,
+        max_position_embeddings=128,
+    )
+    model = transformers.Qwen3MoeForCausalLM(config)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            noise = torch.randn(p.shape, generator=g)
+            p.copy_(noise * 0.2 if p.ndim > 1 else 1 + 0.1 * noise)
+    directory = tmp_path_factory.mktemp("hf-written") / "qwen3-moe"
+    model.save_pretrained(str(directory))
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=config.vocab_size,  # the 256 byte symbols, no merges: every id fits
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(["Why is the sky blue?"], trainer=trainer)
+    assert tokenizer.get_vocab_size() <= config.vocab_size
+    tokenizer.save(str(directory / "tokenizer.json"))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def sources(tiny_dir, hf_written_dir) -> dict[str, tuple[str, Path]]:
+    """source name -> (the --against / --src spec, the HF directory)."""
+    return {TINY: ("tiny:qwen3_moe", tiny_dir), HF_WRITTEN: (str(hf_written_dir), hf_written_dir)}
+
+
+@pytest.fixture(scope="module")
+def hf_models(sources) -> dict[str, torch.nn.Module]:
+    """The oracle: transformers' Qwen3MoeForCausalLM loaded from each source directory."""
+    return {
+        name: transformers.Qwen3MoeForCausalLM.from_pretrained(str(d), dtype=torch.float32).eval()
+        for name, (_, d) in sources.items()
+    }
+
+
+def _tokenizer(directory: Path):
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(directory / "tokenizer.json"))
+
+
+# --- launching: all selected launches up front, two at a time -------------------------------------
+
+
+def _reshard_cmd() -> list[str]:
+    script = Path(sys.executable).with_name("reshard")
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "reshard.cli"]
+
+
+@dataclass
+class Launch:
+    cmd: list[str]
+    returncode: int
+    stdout: str
+    stderr: str
+
+    def json(self) -> dict:
+        lines = [line for line in self.stdout.splitlines() if line.startswith("{")]
+        assert lines, (
+            f"no JSON from `{' '.join(self.cmd)}` (exit {self.returncode}):\n{self.stderr[-3000:]}"
+        )
+        return json.loads(lines[-1])
+
+
+class Launcher:
+    """Runs CLI commands in a small thread pool; each in its own session, killed on timeout."""
+
+    def __init__(self, workers: int):
+        self.pool = ThreadPoolExecutor(max_workers=workers)
+        self.futures: dict[tuple, Future] = {}
+        self.sessions: set[int] = set()
+        self.lock = threading.Lock()
+
+    def submit(self, key: tuple, cmd: list[str]) -> None:
+        if key not in self.futures:
+            self.futures[key] = self.pool.submit(self._run, cmd)
+
+    def result(self, key: tuple) -> Launch:
+        return self.futures[key].result()
+
+    def _run(self, cmd: list[str]) -> Launch:
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        )
+        with self.lock:
+            self.sessions.add(proc.pid)
+        try:
+            out, err = proc.communicate(timeout=JOB_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            err += f"\n[test] killed after {JOB_TIMEOUT_S}s"
+        finally:
+            with self.lock:
+                self.sessions.discard(proc.pid)
+        return Launch(cmd, proc.returncode, out, err)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        with self.lock:
+            for pgid in self.sessions:
+                try:
+                    os.killpg(pgid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+
+def _validate_cmd(directory: Path, against: str, reference: str) -> list[str]:
+    return [
+        *_reshard_cmd(), "validate", str(directory), "--against", against,
+        "--reference", reference, "--json", "--device", "cpu", "--timeout", COLLECTIVE_TIMEOUT_S,
+    ]  # fmt: skip
+
+
+def _run_cmd(directory: Path, prompt: str) -> list[str]:
+    return [
+        *_reshard_cmd(), "run", str(directory), "--prompt", prompt,
+        "--max-new-tokens", str(MAX_NEW_TOKENS), "--json", "--device", "cpu",
+        "--timeout", COLLECTIVE_TIMEOUT_S,
+    ]  # fmt: skip
+
+
+def _selected(request, name: str) -> list:
+    """The `name` parameter of every selected test of this module, in run order."""
+    out = []
+    for item in request.session.items:
+        spec = getattr(item, "callspec", None)
+        if item.module is sys.modules[__name__] and spec is not None and name in spec.params:
+            out.append(spec.params[name])
+    return out
+
+
+@pytest.fixture(scope="module")
+def converted(request, sources, convert_tiny, tmp_path_factory) -> dict[str, Path]:
+    """case id -> converted directory, for every case a selected test needs."""
+    from reshard.convert import convert, make_plan
+    from reshard.layout import Layout
+    from reshard.sources import open_source
+
+    out = {}
+    for case in _selected(request, "case"):
+        if case.id in out:
+            continue
+        if case.source == TINY:
+            out[case.id] = convert_tiny(case.layout)
+        else:
+            spec, _ = sources[case.source]
+            directory = tmp_path_factory.mktemp(case.id)
+            convert(
+                make_plan(open_source(spec), Layout.parse(case.layout)), directory, progress=False
+            )
+            out[case.id] = directory
+    return out
+
+
+@pytest.fixture(scope="module")
+def launches(request, sources, converted):
+    """Start every selected test's launch now; tests wait for their own."""
+    launcher = Launcher(CONCURRENT_LAUNCHES)
+    jobs = []
+    for item in request.session.items:
+        spec = getattr(item, "callspec", None)
+        if item.module is not sys.modules[__name__] or spec is None or "case" not in spec.params:
+            continue
+        case = spec.params["case"]
+        against, _ = sources[case.source]
+        if "reference" in spec.params:
+            ref = spec.params["reference"]
+            key, cmd = ("validate", case.id, ref), _validate_cmd(converted[case.id], against, ref)
+        else:
+            key, cmd = ("run", case.id), _run_cmd(converted[case.id], PROMPTS[case.source])
+        jobs.append((_world(case.layout), key, cmd))
+    # Most ranks first: the long 16-rank launch overlaps with the short ones.
+    for _, key, cmd in sorted(jobs, key=lambda job: -job[0]):
+        launcher.submit(key, cmd)
+    yield launcher
+    launcher.close()
+
+
+# --- the tests ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case, reference", VALIDATE, ids=[f"{c.id}-{ref}" for c, ref in VALIDATE])
+def test_validate_matches_reference(case, reference, launches, hf_models):
+    launch = launches.result(("validate", case.id, reference))
+    result = launch.json()
+    assert launch.returncode == 0, (result, launch.stderr[-3000:])
+    assert result["ok"] is True, result
+    assert result["reference"] == reference
+    assert result["layout"] == case.layout and result["world_size"] == _world(case.layout)
+    diffs = result["max_abs_diff"]
+    assert set(diffs) == {"logits", "loss", "grad"}, diffs
+    for what, value in diffs.items():
+        assert 0 <= value <= TOL, (
+            f"{case.id}: max abs diff of {what} is {value} (worst grad {result['worst_grad']})"
+        )
+    n_params = len(list(hf_models[case.source].named_parameters()))
+    assert result["params_checked"] == n_params
+
+
+@pytest.fixture(scope="module")
+def hf_tokens_per_expert(hf_models) -> dict[str, list[list[int]]]:
+    """Per MoE layer, how many (token, expert) pairs transformers' routers pick for each expert,
+    on the batch that `reshard validate` runs."""
+    from reshard.runtime.reference import fixed_batch
+
+    out = {}
+    for name, model in hf_models.items():
+        cfg = model.config
+        with torch.no_grad():
+            routers = model(input_ids=fixed_batch(cfg.vocab_size), output_router_logits=True)
+        out[name] = [
+            torch.bincount(
+                logits_TE.topk(cfg.num_experts_per_tok, dim=-1).indices.reshape(-1),
+                minlength=cfg.num_experts,
+            ).tolist()
+            for logits_TE in routers.router_logits
+        ]
+    return out
+
+
+@pytest.mark.parametrize("case, reference", VALIDATE, ids=[f"{c.id}-{ref}" for c, ref in VALIDATE])
+def test_tokens_per_expert_match_transformers_routing(
+    case, reference, launches, hf_tokens_per_expert
+):
+    """The load statistics count every real token once: no pad rows (EP chunks, -sp sequence)."""
+    result = launches.result(("validate", case.id, reference)).json()
+    assert result["tokens_per_expert"] == hf_tokens_per_expert[case.source], case.id
+
+
+@pytest.mark.parametrize("case", GENERATE, ids=[c.id for c in GENERATE])
+def test_greedy_generation_matches_transformers(case, launches, sources, hf_models):
+    _, directory = sources[case.source]
+    prompt = PROMPTS[case.source]
+    prompt_ids = _tokenizer(directory).encode(prompt).ids
+    # The prompt must not split evenly: prefill pads over tp (-sp) and over the EP group.
+    mesh = _mesh(case.layout)
+    for size in {*mesh.values(), _world(case.layout)}:
+        assert len(prompt_ids) % size != 0, (case.layout, size, len(prompt_ids))
+
+    model = hf_models[case.source]
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([prompt_ids]),
+            do_sample=False,
+            max_new_tokens=MAX_NEW_TOKENS,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    want = out.sequences[0, len(prompt_ids) :].tolist()
+    # The oracle's choices are clear: no step hinges on a near tie of the top two logits.
+    for step, logits in enumerate(out.logits):
+        top2 = logits[0].float().topk(2).values
+        assert top2[0] - top2[1] > 1e-3, f"step {step}: near tie in transformers' own logits"
+
+    launch = launches.result(("run", case.id))
+    result = launch.json()
+    assert launch.returncode == 0, launch.stderr[-3000:]
+    assert result["prompt_ids"] == prompt_ids
+    assert result["layout"] == case.layout and result["world_size"] == _world(case.layout)
+    assert result["output_ids"] == want, f"{case.id}: {result['output_ids']} != {want}"
+    assert len(want) == MAX_NEW_TOKENS  # no early stop hides a difference after it
+    assert result["text"] == _tokenizer(directory).decode(want, skip_special_tokens=True)
