@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers_dist import run_on_ranks
+from helpers_files import flip_a_data_byte
 from safetensors.torch import load_file, save_file
 
 from reshard.errors import CheckpointError
@@ -25,15 +26,6 @@ HEAD_DIM = 16  # tiny:qwen3_moe
 
 def _rank_file(directory: Path, rank: int, world: int) -> Path:
     return directory / f"rank-{rank:05d}-of-{world:05d}.safetensors"
-
-
-def _flip_a_data_byte(path: Path) -> None:
-    """Corrupt one byte of tensor data (not the header), keeping the file size."""
-    data = bytearray(path.read_bytes())
-    header_len = int.from_bytes(data[:8], "little")
-    offset = 8 + header_len + (len(data) - 8 - header_len) // 2
-    data[offset] ^= 0xFF
-    path.write_bytes(bytes(data))
 
 
 @pytest.fixture
@@ -72,7 +64,7 @@ def test_load_local_tensors_takes_the_rank_from_torchrun(convert_tiny, monkeypat
 def test_tampered_rank_file_is_refused_by_its_hash(ep2tp2_copy):
     path = _rank_file(ep2tp2_copy, 1, 4)
     size = path.stat().st_size
-    _flip_a_data_byte(path)
+    flip_a_data_byte(path)
     assert path.stat().st_size == size
     with pytest.raises(CheckpointError, match="sha256") as e:
         load_local_tensors(ep2tp2_copy, 1)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from helpers_files import flip_a_data_byte
 
 HINT = "(set RESHARD_DEBUG=1 for the traceback)"
 LAUNCH_TIMEOUT_S = 180  # a launch that fails must still end well before this
@@ -88,15 +89,6 @@ def assert_one_clear_error(result: Finished, *fragments: str) -> str:
     for fragment in fragments:
         assert fragment in error, (fragment, error)
     return error
-
-
-def _flip_a_data_byte(path: Path) -> None:
-    """Corrupt one byte of tensor data (not the header), keeping the file size."""
-    data = bytearray(path.read_bytes())
-    header_len = int.from_bytes(data[:8], "little")
-    offset = 8 + header_len + (len(data) - 8 - header_len) // 2
-    data[offset] ^= 0xFF
-    path.write_bytes(bytes(data))
 
 
 @pytest.fixture
@@ -170,7 +162,7 @@ def test_bad_multi_node_options(convert_tiny, nodes, fragments):
 def test_rank_file_with_a_wrong_hash(tp2_copy):
     path = tp2_copy / "rank-00001-of-00002.safetensors"
     size = path.stat().st_size
-    _flip_a_data_byte(path)
+    flip_a_data_byte(path)
     assert path.stat().st_size == size  # passes the size check; only the hash can tell
     result = reshard(*_command("run", tp2_copy), timeout=LAUNCH_TIMEOUT_S)
     assert_one_clear_error(result, str(path), "sha256")
