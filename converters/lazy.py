@@ -12,6 +12,7 @@ full model or full fused tensor is ever built.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ import torch
 from safetensors import safe_open
 
 from reshard.errors import SourceError
-from reshard.placements import Selection
+from reshard.placements import Selection, boxes, selection_shape
 
 Box = tuple[tuple[int, int], ...]  # one [start, stop) per dim
 
@@ -74,12 +75,17 @@ class LazyTensor:
 class SliceReader:
     """Opens safetensors files on demand and counts the bytes each read asks for.
 
-    Handles live only inside `session()`, so mmapped pages are released after
-    every target tensor and resident memory stays bounded by one output shard.
+    safe_open maps the file: every page a slice touches stays resident until the
+    handle is dropped, and a column slice touches the whole source tensor. So
+    handles live only inside `session()` (one target tensor) and are also dropped
+    whenever the tensors touched since the last drop exceed `resident_limit`:
+    resident file pages stay bounded by a constant, not by a fused target.
     """
 
     bytes_read: dict[str, int] = field(default_factory=dict)
+    resident_limit: int = 32 << 20
     _handles: dict[str, object] | None = None
+    _touched: int = 0
 
     @contextmanager
     def session(self) -> Iterator[None]:
@@ -92,8 +98,13 @@ class SliceReader:
             if outer:
                 self._handles = None
 
-    def read(self, path: str, name: str, box: Box) -> torch.Tensor:
+    def read(self, path: str, name: str, box: Box, touched: int = 0) -> torch.Tensor:
+        """Read `box` of tensor `name`; `touched` is the bytes of the whole source tensor."""
         with self.session():
+            self._touched += touched
+            if self._touched > self.resident_limit:
+                self._handles.clear()  # unmaps: the pages touched so far leave RSS
+                self._touched = touched
             handle = self._handles.get(path)
             if handle is None:
                 try:
@@ -123,7 +134,8 @@ class SourceTensor(LazyTensor):
     def read(self, box: Box) -> torch.Tensor:
         if any(a >= b for a, b in box):
             return torch.empty([b - a for a, b in box], dtype=self.dtype)
-        return self.reader.read(self.path, self.name, box)
+        nbytes = torch.empty((), dtype=self.dtype).element_size() * math.prod(self.shape)
+        return self.reader.read(self.path, self.name, box, touched=nbytes)
 
     def leaves(self) -> Iterator[SourceTensor]:
         yield self
@@ -196,7 +208,7 @@ class Cat(LazyTensor):
             offset += size
         if not pieces:
             return torch.empty([b - a for a, b in box], dtype=self.dtype)
-        return torch.cat(pieces, dim=self.dim)
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=self.dim)
 
 
 class Narrow(LazyTensor):
@@ -327,13 +339,16 @@ class Cast(LazyTensor):
 
 
 def read_selection(tensor: LazyTensor, selection: Selection) -> torch.Tensor:
-    """Read the product of per-dim index ranges (a strided shard is several boxes)."""
-    for dim, ranges in enumerate(selection):
-        if len(ranges) > 1:
-            parts = [
-                read_selection(tensor, selection[:dim] + [[r]] + selection[dim + 1 :])
-                for r in ranges
-            ]
-            return torch.cat(parts, dim=dim)
-    box = tuple(ranges[0] if ranges else (0, 0) for ranges in selection)
-    return tensor.read(box)
+    """Read the product of per-dim index ranges (a strided shard is several boxes).
+
+    Boxes are read one at a time into the preallocated result, so the peak is
+    the shard plus one box, not twice the shard.
+    """
+    pieces = list(boxes(selection))
+    if len(pieces) == 1:
+        ((g, _),) = pieces
+        return tensor.read(tuple((sl.start, sl.stop) for sl in g))
+    out = torch.empty(selection_shape(selection), dtype=tensor.dtype)
+    for g, loc in pieces:
+        out[loc] = tensor.read(tuple((sl.start, sl.stop) for sl in g))
+    return out

@@ -491,9 +491,9 @@ def _record_reads(plan) -> list[tuple[str, tuple]]:
     reader = plan.source.reader
     original = reader.read
 
-    def read(path, name, box):
+    def read(path, name, box, **kwargs):
         calls.append((name, box))
-        return original(path, name, box)
+        return original(path, name, box, **kwargs)
 
     reader.read = read  # instance attribute: every SourceTensor of this source goes through it
     return calls
