@@ -90,48 +90,17 @@ class _ReduceFrom(torch.autograd.Function):
         return grad, None
 
 
-class _SplitTo(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, dim, group):
-        ctx.dim, ctx.group = dim, group
-        return _chunk(x, dim, group)
+class _AlongDim(torch.autograd.Function):
+    """A collective along tensor dim `dim` whose backward is another one (the table above)."""
 
     @staticmethod
-    def backward(ctx, grad):
-        return _all_gather(grad, ctx.dim, ctx.group), None, None
-
-
-class _GatherFrom(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, dim, group):
-        ctx.dim, ctx.group = dim, group
-        return _all_gather(x, dim, group)
+    def forward(ctx, x, dim, group, forward_fn, backward_fn):
+        ctx.dim, ctx.group, ctx.backward_fn = dim, group, backward_fn
+        return forward_fn(x, dim, group)
 
     @staticmethod
     def backward(ctx, grad):
-        return _chunk(grad, ctx.dim, ctx.group), None, None
-
-
-class _GatherForPartial(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, dim, group):
-        ctx.dim, ctx.group = dim, group
-        return _all_gather(x, dim, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _reduce_scatter(grad, ctx.dim, ctx.group), None, None
-
-
-class _ReduceScatterTo(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, dim, group):
-        ctx.dim, ctx.group = dim, group
-        return _reduce_scatter(x, dim, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_gather(grad, ctx.dim, ctx.group), None, None
+        return ctx.backward_fn(grad, ctx.dim, ctx.group), None, None, None, None
 
 
 class _AllToAll(torch.autograd.Function):
@@ -163,19 +132,27 @@ def reduce_from(x: torch.Tensor, group: Group) -> torch.Tensor:
 
 
 def split_to(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
-    return x if group_size(group) == 1 else _SplitTo.apply(x, dim, group)
+    return x if group_size(group) == 1 else _AlongDim.apply(x, dim, group, _chunk, _all_gather)
 
 
 def gather_from(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
-    return x if group_size(group) == 1 else _GatherFrom.apply(x, dim, group)
+    return x if group_size(group) == 1 else _AlongDim.apply(x, dim, group, _all_gather, _chunk)
 
 
 def gather_for_partial(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
-    return x if group_size(group) == 1 else _GatherForPartial.apply(x, dim, group)
+    return (
+        x
+        if group_size(group) == 1
+        else _AlongDim.apply(x, dim, group, _all_gather, _reduce_scatter)
+    )
 
 
 def reduce_scatter_to(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
-    return x if group_size(group) == 1 else _ReduceScatterTo.apply(x, dim, group)
+    return (
+        x
+        if group_size(group) == 1
+        else _AlongDim.apply(x, dim, group, _reduce_scatter, _all_gather)
+    )
 
 
 def all_to_all(
