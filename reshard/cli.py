@@ -522,9 +522,9 @@ def quickstart(ctx, layout: str, out: Path, prompt: str) -> None:
 
 def _dtype_name(ckpt) -> str:
     """The --dtype that reproduces the checkpoint's dtypes from its source."""
-    import torch
+    from reshard.convert import DTYPES
 
-    names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+    names = {dtype: name for name, dtype in DTYPES.items() if dtype is not None}
     dtypes = {names.get(p.dtype, "keep") for p in ckpt.params.values()}
     return dtypes.pop() if len(dtypes) == 1 else "keep"
 

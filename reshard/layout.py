@@ -11,7 +11,6 @@ TP group on one node). A dim of size 1 is dropped from the mesh.
 
 from __future__ import annotations
 
-import itertools
 import re
 from dataclasses import dataclass
 
@@ -110,20 +109,6 @@ class Layout:
             coords[name] = rank % size
             rank //= size
         return dict(reversed(list(coords.items())))
-
-    def rank_of(self, coords: dict[str, int]) -> int:
-        rank = 0
-        for name, size in self.dims:
-            rank = rank * size + coords.get(name, 0)
-        return rank
-
-    def group(self, rank: int, dims: tuple[str, ...]) -> list[int]:
-        """Ranks that share every coordinate of `rank` except those on `dims`, in rank order."""
-        base = self.coords(rank)
-        ranges = [range(self.size(d)) if d in dims else [base[d]] for d in self.mesh_dim_names]
-        return sorted(
-            self.rank_of(dict(zip(self.mesh_dim_names, c))) for c in itertools.product(*ranges)
-        )
 
     def __str__(self) -> str:
         return self.name

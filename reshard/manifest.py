@@ -11,8 +11,6 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-
 from reshard.converters.lazy import DTYPE_NAMES, SAFETENSORS_DTYPES
 from reshard.errors import CheckpointError
 from reshard.layout import Layout
@@ -111,7 +109,3 @@ def load_manifest(directory: str | Path) -> Manifest:
         return Manifest(**data)
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path}: not a valid manifest ({e})") from e
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    return SAFETENSORS_DTYPES[name]
