@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import warnings
 from pathlib import Path
 
 import click
 
 from reshard.errors import ReshardError
+
+# torch warns at import when numpy is absent; reshard never needs numpy, so the warning is noise.
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 
 SRC_HELP = (
     "Source checkpoint: a local HF directory, hf:org/name[@revision], or tiny:qwen3_moe (built in)."
@@ -60,8 +65,15 @@ def cli() -> None:
     show_default=True,
     help="Ranks written in parallel.",
 )
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace a finished checkpoint of another layout in --out (refused without it).",
+)
 @quiet_option
-def convert(src: str, layout: str, out: Path, dtype: str, workers: int, quiet: bool) -> None:
+def convert(
+    src: str, layout: str, out: Path, dtype: str, workers: int, overwrite: bool, quiet: bool
+) -> None:
     """Write one safetensors file per rank, a manifest, and the config/tokenizer files.
 
     Each rank's file is cut from the source by reading only that rank's bytes,
@@ -74,6 +86,12 @@ def convert(src: str, layout: str, out: Path, dtype: str, workers: int, quiet: b
       reshard convert --src tiny:qwen3_moe --layout ep2tp2 --out tiny-ep2tp2
       reshard convert --src hf:Qwen/Qwen3-30B-A3B --layout ep4tp4 --out q3-ep4tp4 --dtype bf16 --workers 8
       reshard convert --src ./Qwen3-30B-A3B --layout tp4-tp2ep --out q3-tp4-tp2ep
+      reshard convert --src tiny:qwen3_moe --layout tp4 --out tiny-ep2tp2 --overwrite
+
+    Interrupting is safe: nothing looks finished before the manifest, and the
+    next run keeps every rank file that was complete. Two runs into the same
+    --out are refused, as is one that would replace a finished checkpoint of
+    another layout (unless --overwrite).
     """
     from reshard.convert import convert as run_convert
     from reshard.convert import make_plan
@@ -82,7 +100,9 @@ def convert(src: str, layout: str, out: Path, dtype: str, workers: int, quiet: b
     from reshard.sources import open_source
 
     plan = make_plan(open_source(src), Layout.parse(layout), dtype)
-    manifest = run_convert(plan, out, workers=workers, progress=_progress(quiet))
+    manifest = run_convert(
+        plan, out, workers=workers, progress=_progress(quiet), overwrite=overwrite
+    )
     total = sum(r.bytes for r in manifest.ranks)
     click.echo(
         f"wrote {manifest.world_size} rank files ({human_bytes(total)}) for {manifest.layout} to {out}"
@@ -112,7 +132,7 @@ def plan(src: str, layout: str, dtype: str) -> None:
     )
     click.echo(rank_table(p))
     total = sum(p.rank_bytes(r) for r in range(p.layout.world_size))
-    click.echo(f"total {human_bytes(total)}")
+    click.echo(f"total {human_bytes(total)} ({total:,} bytes: the free disk space convert needs)")
 
 
 @cli.command()
@@ -179,7 +199,7 @@ def verify(directory: Path, against: str | None, quiet: bool) -> None:
         from reshard.convert import make_plan
         from reshard.sources import open_source
 
-        plan = make_plan(open_source(against), ckpt.layout, _dtype_name(ckpt))
+        plan = make_plan(open_source(against), ckpt.layout, ckpt.manifest.dtype)
         first = list(checks)
         checks = iter(
             first + list(check_against(ckpt, plan)) if all(f.ok for f in first) else first
@@ -236,36 +256,26 @@ def _nodes_options(f):
 
 def _sharded_dir(src: str, layout: str | None, quiet: bool) -> Path:
     """SRC as a finished sharded checkpoint: as given, or converted on the fly into the cache."""
+    from reshard.checkpoint import ShardedCheckpoint
+    from reshard.layout import Layout
     from reshard.manifest import MANIFEST
 
     path = Path(src).expanduser()
     if (path / MANIFEST).is_file():
-        if layout:
-            from reshard.checkpoint import ShardedCheckpoint
-            from reshard.layout import Layout
-
-            have = ShardedCheckpoint(path).layout.name
-            if Layout.parse(layout).name != have:
-                raise ReshardError(f"{src}: holds layout {have}, not --layout {layout}")
+        have = ShardedCheckpoint(path).layout.name
+        if layout and Layout.parse(layout).name != have:
+            raise ReshardError(f"{src}: holds layout {have}, not --layout {layout}")
         return path
     if not layout:
-        from reshard.manifest import load_manifest
-
-        load_manifest(path)  # raises the clear "not a finished sharded checkpoint" error
-    import hashlib
-
-    from reshard.convert import convert as run_convert
-    from reshard.convert import make_plan
-    from reshard.layout import Layout
+        ShardedCheckpoint(path)  # raises the clear "not a finished sharded checkpoint" error
+    from reshard.convert import convert_cached
     from reshard.sources import open_source
     from reshard.tiny import cache_root
 
     parsed = Layout.parse(layout)
-    key = hashlib.sha256(f"{src}|{parsed.name}".encode()).hexdigest()[:12]
-    out = cache_root() / "converted" / f"{parsed.name}-{key}"
-    if not (out / MANIFEST).is_file():
-        run_convert(make_plan(open_source(src), parsed), out, progress=_progress(quiet))
-    return out
+    return convert_cached(
+        open_source(src), parsed, cache_root() / "converted", progress=_progress(quiet)
+    )
 
 
 def _check_files(path: Path):
@@ -477,7 +487,15 @@ def quickstart(ctx, layout: str, out: Path, prompt: str) -> None:
     steps = [
         (
             convert,
-            dict(src="tiny:qwen3_moe", layout=layout, out=out, dtype="keep", workers=1, quiet=True),
+            dict(
+                src="tiny:qwen3_moe",
+                layout=layout,
+                out=out,
+                dtype="keep",
+                workers=1,
+                overwrite=False,
+                quiet=True,
+            ),
         ),
         (verify, dict(directory=out, against="tiny:qwen3_moe", quiet=True)),
         (
@@ -520,17 +538,10 @@ def quickstart(ctx, layout: str, out: Path, prompt: str) -> None:
     )
 
 
-def _dtype_name(ckpt) -> str:
-    """The --dtype that reproduces the checkpoint's dtypes from its source."""
-    from reshard.convert import DTYPES
-
-    names = {dtype: name for name, dtype in DTYPES.items() if dtype is not None}
-    dtypes = {names.get(p.dtype, "keep") for p in ckpt.params.values()}
-    return dtypes.pop() if len(dtypes) == 1 else "keep"
-
-
 def main() -> None:
-    """Entry point: the tool's own errors become one line on stderr and exit code 1."""
+    """Entry point: every error becomes one line on stderr and exit code 1 (130 on Ctrl-C)."""
+    # SIGTERM unwinds like Ctrl-C, so `finally` blocks remove temp files and stop workers.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         cli(standalone_mode=False)
     except click.exceptions.Abort:
@@ -541,10 +552,12 @@ def main() -> None:
         sys.exit(e.exit_code)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
-    except ReshardError as e:
+    except Exception as e:
+        # Our own errors are the user's to fix; anything else is a bug of ours, still one line.
         if os.environ.get("RESHARD_DEBUG"):
             raise
-        click.echo(f"error: {e}", err=True)
+        message = str(e) if isinstance(e, ReshardError) else f"unexpected {type(e).__name__}: {e}"
+        click.echo(f"error: {message}", err=True)
         click.echo("(set RESHARD_DEBUG=1 for the traceback)", err=True)
         sys.exit(1)
 

@@ -11,13 +11,19 @@ manifest, last.
 
 from __future__ import annotations
 
-import concurrent.futures
+import contextlib
+import ctypes
+import fcntl
 import fnmatch
 import hashlib
 import json
 import multiprocessing
+import os
+import re
 import shutil
-from collections.abc import Callable
+import signal
+import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,13 +31,20 @@ import torch
 
 from reshard.converters import ModelSpec, get_spec
 from reshard.converters.lazy import Cast, LazyTensor, RepeatBlocks, read_selection
-from reshard.errors import LayoutError, ReshardError, SourceError
+from reshard.errors import LayoutError, OutputError, ReshardError, SourceError
 from reshard.layout import Layout
 from reshard.manifest import MANIFEST, Manifest, RankEntry, param_plan_to_json, rank_file_name
 from reshard.placements import Selection, local_selection, selection_shape
 from reshard.plan import ParamPlan, check_divisible, placements_for
 from reshard.sources import Source
-from reshard.writer import ShardWriter, sha256_file
+from reshard.writer import (
+    TMP_SUFFIX,
+    ShardWriter,
+    atomic_write_bytes,
+    atomic_write_text,
+    fsync_dir,
+    sha256_file,
+)
 
 DTYPES = {"keep": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PROGRESS_DIR = ".reshard"
@@ -179,21 +192,36 @@ def read_local(plan: ConversionPlan, t: LocalTensor) -> torch.Tensor:
         return read_selection(plan.targets[t.name], t.selection)
 
 
+def _record_path(out: Path, rank: int) -> Path:
+    return out / PROGRESS_DIR / f"rank-{rank:05d}.json"
+
+
+def finished_entry(plan: ConversionPlan, rank: int, out: Path) -> RankEntry | None:
+    """Rank `rank`'s entry if an earlier run finished its file for exactly this plan, else None.
+
+    A record that is missing, unreadable or for another plan, or a file whose size
+    or hash disagrees with it, means "not finished": the rank is written again.
+    """
+    path, record = out / rank_file_name(rank, plan.layout.world_size), _record_path(out, rank)
+    try:
+        done = json.loads(record.read_text())
+        fingerprint, sha256, nbytes = done["fingerprint"], done["sha256"], done["bytes"]
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    if fingerprint != plan.fingerprint(rank) or not path.is_file():
+        return None
+    if path.stat().st_size != nbytes or sha256_file(path) != sha256:
+        return None
+    return RankEntry(
+        rank=rank, coords=plan.layout.coords(rank), file=path.name, bytes=nbytes, sha256=sha256
+    )
+
+
 def write_rank(
     plan: ConversionPlan, rank: int, out: Path, on_tensor: Callable[[int], None] | None = None
 ) -> RankEntry:
-    """Write (or keep, when a previous run finished it) rank `rank`'s file; return its entry."""
-    world = plan.layout.world_size
-    path = out / rank_file_name(rank, world)
-    record = out / PROGRESS_DIR / f"rank-{rank:05d}.json"
-    fingerprint = plan.fingerprint(rank)
-    entry = dict(rank=rank, coords=plan.layout.coords(rank), file=path.name)
-    if record.is_file() and path.is_file():
-        done = json.loads(record.read_text())
-        if done.get("fingerprint") == fingerprint and sha256_file(path) == done.get("sha256"):
-            if on_tensor:
-                on_tensor(done["bytes"])
-            return RankEntry(**entry, bytes=done["bytes"], sha256=done["sha256"])
+    """Write rank `rank`'s file and its completion record; return its manifest entry."""
+    path = out / rank_file_name(rank, plan.layout.world_size)
     tensors = plan.rank_tensors(rank)
     metadata = {"format": "pt", "reshard_layout": plan.layout.name, "reshard_rank": str(rank)}
     with ShardWriter(path, [(t.name, t.dtype, t.shape) for t in tensors], metadata) as writer:
@@ -201,23 +229,77 @@ def write_rank(
             writer.write(t.name, read_local(plan, t))
             if on_tensor:
                 on_tensor(t.nbytes)
-    record.parent.mkdir(exist_ok=True)
-    record.write_text(
-        json.dumps({"fingerprint": fingerprint, "sha256": writer.sha256, "bytes": writer.nbytes})
+    record = {
+        "fingerprint": plan.fingerprint(rank),
+        "sha256": writer.sha256,
+        "bytes": writer.nbytes,
+    }
+    atomic_write_text(_record_path(out, rank), json.dumps(record))
+    return RankEntry(
+        rank=rank,
+        coords=plan.layout.coords(rank),
+        file=path.name,
+        bytes=writer.nbytes,
+        sha256=writer.sha256,
     )
-    return RankEntry(**entry, bytes=writer.nbytes, sha256=writer.sha256)
+
+
+@contextlib.contextmanager
+def _locked(out: Path) -> Iterator[None]:
+    """Hold `out/.reshard/lock` for the whole conversion: one writer per output directory.
+
+    flock is released by the kernel when the process dies, however it dies, so
+    a killed run never leaves a stale lock behind.
+    """
+    (out / PROGRESS_DIR).mkdir(parents=True, exist_ok=True)
+    fd = os.open(out / PROGRESS_DIR / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise OutputError(
+                f"--out {out}: another reshard convert (pid {holder}) is writing there; "
+                "wait for it to finish"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _remove_temp_files(out: Path) -> None:
+    """Temp files of earlier runs that were killed (a finished file is never a temp file)."""
+    for directory in (out, out / PROGRESS_DIR):
+        for tmp in directory.glob(f".*{TMP_SUFFIX}"):
+            tmp.unlink(missing_ok=True)
+
+
+def _check_out(out: Path, layout: Layout, overwrite: bool) -> None:
+    """Refuse an --out that is not ours, or that holds a finished checkpoint we would destroy."""
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {out}: exists and is not a directory")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not (out / MANIFEST).exists() and not (out / PROGRESS_DIR).is_dir():
+        raise OutputError(f"--out {out}: directory is not empty and is not a reshard checkpoint")
+    if (out / MANIFEST).exists() and not overwrite:
+        try:
+            have = json.loads((out / MANIFEST).read_text())["layout"]
+            same = Layout.parse(str(have)).name == layout.name
+        except (OSError, ValueError, TypeError, KeyError):
+            have, same = "an unreadable", False
+        if not same:
+            raise OutputError(
+                f"--out {out}: holds a finished {have} checkpoint; converting to {layout.name} "
+                "would delete its rank files (pass --overwrite to replace it)"
+            )
 
 
 def _prepare_out(out: Path, world: int) -> None:
-    if out.exists() and not out.is_dir():
-        raise ReshardError(f"--out {out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()):
-        ours = (out / MANIFEST).exists() or (out / PROGRESS_DIR).is_dir()
-        if not ours:
-            raise ReshardError(
-                f"--out {out}: directory is not empty and is not a reshard checkpoint"
-            )
-    out.mkdir(parents=True, exist_ok=True)
+    """Under the lock: no temp files of killed runs, nothing that looks finished, no stale ranks."""
+    _remove_temp_files(out)
     # Until the new manifest is written, the directory must not look finished.
     (out / MANIFEST).unlink(missing_ok=True)
     # Rank files of another world size (an earlier layout) would be mistaken for ours.
@@ -226,8 +308,25 @@ def _prepare_out(out: Path, world: int) -> None:
         if stale.name not in keep:
             stale.unlink()
     for record in (out / PROGRESS_DIR).glob("rank-*.json"):
-        if int(record.stem.split("-")[1]) >= world:
+        match = re.fullmatch(r"rank-(\d{5})\.json", record.name)
+        if match and int(match[1]) >= world:
             record.unlink()
+
+
+def _check_free_space(out: Path, needed: int) -> None:
+    free = shutil.disk_usage(out).free
+    if needed > free:
+        raise OutputError(
+            f"--out {out}: needs {needed:,} bytes for the rank files, only {free:,} free on its disk"
+        )
+
+
+def _die_with_parent() -> None:
+    """Pool workers: exit when the parent dies (even by SIGKILL), so no orphan keeps writing."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # pool.terminate() must kill, not unwind
 
 
 def _write_rank_in_worker(job: tuple[ConversionPlan, int, Path]) -> RankEntry:
@@ -235,54 +334,116 @@ def _write_rank_in_worker(job: tuple[ConversionPlan, int, Path]) -> RankEntry:
     return write_rank(plan, rank, out)
 
 
+def _write_ranks(
+    plan: ConversionPlan, ranks: list[int], out: Path, workers: int, bar
+) -> Iterator[RankEntry]:
+    """Write `ranks`, `workers` at a time; the first failure stops every other worker at once."""
+    if workers <= 1 or len(ranks) <= 1:
+        for rank in ranks:
+            yield write_rank(plan, rank, out, on_tensor=bar.update)
+        return
+    # fork: workers inherit the plan; each opens its own file handles.
+    ctx = multiprocessing.get_context("fork")
+    pool = ctx.Pool(min(workers, len(ranks)), initializer=_die_with_parent)
+    try:
+        jobs = [(plan, rank, out) for rank in ranks]
+        for entry in pool.imap_unordered(_write_rank_in_worker, jobs):
+            bar.update(entry.bytes)
+            yield entry
+        pool.close()
+    finally:
+        pool.terminate()  # no-op after close; on an error, kills the ranks still being written
+        pool.join()
+
+
 def convert(
-    plan: ConversionPlan, out: Path, *, workers: int = 1, progress: bool = True
+    plan: ConversionPlan,
+    out: Path,
+    *,
+    workers: int = 1,
+    progress: bool = True,
+    overwrite: bool = False,
 ) -> Manifest:
-    """Write every rank file, the side files, the model card and, last, the manifest."""
+    """Write every rank file, the side files, the model card and, last, the manifest.
+
+    Safe to interrupt at any point: a re-run keeps the rank files that were
+    finished and writes the rest; nothing looks finished before the manifest.
+    """
     from tqdm.auto import tqdm
 
     from reshard.modelcard import model_card
 
     out = Path(out)
     world = plan.layout.world_size
-    _prepare_out(out, world)
-    plan.source.file_hashes()  # once, before workers fork: fingerprints and the manifest use them
-    total = sum(plan.rank_bytes(r) for r in range(world))
-    bar = tqdm(
-        total=total,
-        unit="B",
-        unit_scale=True,
-        desc=f"convert {plan.layout.name}",
-        disable=not progress,
-    )
-    ranks: list[RankEntry] = []
-    with bar:
-        if workers <= 1:
-            for rank in range(world):
-                ranks.append(write_rank(plan, rank, out, on_tensor=bar.update))
-        else:
-            # fork: workers inherit the plan; each opens its own file handles.
-            ctx = multiprocessing.get_context("fork")
-            with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-                jobs = [(plan, rank, out) for rank in range(world)]
-                for entry in pool.map(_write_rank_in_worker, jobs):
-                    bar.update(plan.rank_bytes(entry.rank))
-                    ranks.append(entry)
-    for f in plan.source.side_files():
-        shutil.copyfile(f, out / f.name)
-    manifest = Manifest(
-        layout=plan.layout.name,
-        mesh=dict(plan.layout.dims),
-        source=plan.source.describe(),
-        model_type=plan.source.model_type,
-        config=plan.source.config,
-        params={name: param_plan_to_json(p) for name, p in plan.params.items()},
-        ranks=ranks,
-        notes=_notes(plan),
-    )
-    (out / "README.md").write_text(model_card(manifest, plan))
-    manifest.save(out)
-    return manifest
+    _check_out(out, plan.layout, overwrite)
+    with _locked(out):
+        try:
+            _prepare_out(out, world)
+            plan.source.file_hashes()  # once, before workers fork: fingerprints and the manifest
+            done = {r: e for r in range(world) if (e := finished_entry(plan, r, out)) is not None}
+            todo = [r for r in range(world) if r not in done]
+            _check_free_space(out, sum(plan.rank_bytes(r) for r in todo))
+            bar = tqdm(
+                total=sum(plan.rank_bytes(r) for r in range(world)),
+                initial=sum(e.bytes for e in done.values()),
+                unit="B",
+                unit_scale=True,
+                desc=f"convert {plan.layout.name}",
+                disable=not progress,
+            )
+            with bar:
+                for entry in _write_ranks(plan, todo, out, workers, bar):
+                    done[entry.rank] = entry
+            for f in plan.source.side_files():
+                atomic_write_bytes(out / f.name, f.read_bytes())
+            manifest = Manifest(
+                layout=plan.layout.name,
+                mesh=dict(plan.layout.dims),
+                dtype=plan.dtype_name,
+                source=plan.source.describe(),
+                model_type=plan.source.model_type,
+                config=plan.source.config,
+                params={name: param_plan_to_json(p) for name, p in plan.params.items()},
+                ranks=[done[r] for r in range(world)],
+                notes=_notes(plan),
+            )
+            atomic_write_text(out / "README.md", model_card(manifest, plan))
+            fsync_dir(out)  # every rename above is durable before the manifest says "finished"
+            atomic_write_text(out / MANIFEST, manifest.to_json())
+            return manifest
+        finally:
+            _remove_temp_files(out)  # whatever stopped us (error, Ctrl-C), leave no temp files
+
+
+def convert_cached(source: Source, layout: Layout, cache: Path, *, progress: bool = True) -> Path:
+    """`source` converted to `layout` under `cache`, converted now unless a finished copy exists.
+
+    The cache entry is named by what the source *is* (the sha256 of every weight
+    and side file, and the config), not by what it was called: two directories
+    given by the same relative path, a source rewritten in place, or a Hub branch
+    that moved all get their own entry. Before reuse the entry's manifest is read
+    (schema-checked) and must record exactly these source hashes and this config.
+    """
+    from reshard.checkpoint import ShardedCheckpoint
+
+    identity = {
+        "files": source.file_hashes(),
+        "side_files": {f.name: sha256_file(f) for f in source.side_files()},
+        "config": source.config,
+        "layout": layout.name,
+    }
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    out = cache / f"{layout.name}-{key}"
+    if (out / MANIFEST).is_file():
+        m = ShardedCheckpoint(out).manifest
+        if (m.source.get("files"), m.config, m.layout) == (
+            identity["files"],
+            source.config,
+            layout.name,
+        ):
+            return out
+    convert(make_plan(source, layout), out, progress=progress, overwrite=True)
+    return out
 
 
 def _notes(plan: ConversionPlan) -> list[str]:

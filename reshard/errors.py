@@ -31,3 +31,7 @@ class CheckpointError(ReshardError, OSError):
 
 class VerificationError(ReshardError):
     """A sharded checkpoint whose files or tensors do not match what they should."""
+
+
+class OutputError(ReshardError, OSError):
+    """An output directory that cannot be written: disk full, locked by another run, not ours."""

@@ -110,5 +110,19 @@ class Layout:
             rank //= size
         return dict(reversed(list(coords.items())))
 
+    def rank_of(self, coords: dict[str, int]) -> int:
+        """Inverse of `coords`: the row-major rank at `coords` ({dim name: index})."""
+        if set(coords) != set(self.mesh_dim_names):
+            raise LayoutError(
+                f"coordinates over {sorted(coords)} do not match layout {self.name}'s mesh dims "
+                f"{list(self.mesh_dim_names)}"
+            )
+        rank = 0
+        for name, size in self.dims:
+            if not 0 <= coords[name] < size:
+                raise LayoutError(f"{name} coordinate {coords[name]} out of range for size {size}")
+            rank = rank * size + coords[name]
+        return rank
+
     def __str__(self) -> str:
         return self.name

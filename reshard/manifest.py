@@ -38,6 +38,7 @@ class RankEntry:
 class Manifest:
     layout: str
     mesh: dict[str, int]
+    dtype: str
     source: dict
     model_type: str
     config: dict

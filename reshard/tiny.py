@@ -16,7 +16,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 TINY_VERSION = 2
 
@@ -122,6 +121,8 @@ def _weights(
 
 def write_tiny_checkpoint(family: str, directory: Path) -> None:
     """Write the tiny checkpoint of `family` into `directory` (HF layout, two files + index)."""
+    from reshard.writer import save_tensors
+
     config = TINY_CONFIGS[family]
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer_json = _tokenizer_json()
@@ -133,7 +134,7 @@ def write_tiny_checkpoint(family: str, directory: Path) -> None:
     }
     weight_map = {}
     for file, keys in halves.items():
-        save_file({k: weights[k] for k in keys}, str(directory / file), metadata={"format": "pt"})
+        save_tensors(directory / file, {k: weights[k] for k in keys}, metadata={"format": "pt"})
         weight_map.update({k: file for k in keys})
     total = sum(t.numel() * t.element_size() for t in weights.values())
     (directory / "model.safetensors.index.json").write_text(

@@ -21,7 +21,7 @@ import torch
 from reshard.checkpoint import ShardedCheckpoint
 from reshard.converters import get_spec
 from reshard.errors import CheckpointError
-from reshard.placements import to_torch
+from reshard.placements import Replicate, to_torch
 from reshard.runtime.parallel import ParallelGroups, ParallelModel, parallelize
 
 
@@ -49,32 +49,42 @@ def load_local_tensors(
     return ShardedCheckpoint(directory).load_rank(_rank(rank), device=device)
 
 
-def load_dtensors(
-    directory: str | Path, mesh, *, rank: int | None = None
-) -> dict[str, torch.Tensor]:
+def load_dtensors(directory: str | Path, mesh) -> dict[str, torch.Tensor]:
     """This rank's tensors as DTensors on `mesh`, with the manifest's placements and global shapes.
 
-    `mesh` must have the layout's shape (e.g. (4, 4) for ep4tp4, dims outer to inner).
+    `mesh` must have the layout's mesh dims, by name and in order (e.g.
+    `("ep", "tp")` of shape (4, 4) for ep4tp4). It may be a sub-mesh of a larger
+    world mesh, as torchtitan passes `world_mesh["tp"]`: the rank file is chosen
+    by this process's coordinates on `mesh`, not by its global rank.
     k/v projections of a layout with tp > num_key_value_heads carry repeated heads
     (the manifest's `head_repeat`); their global shape counts the repeats.
+
+    Example (4 ranks, a (dp=2, tp=2) world and a tp2 checkpoint):
+        >>> world = init_device_mesh("cuda", (2, 2), mesh_dim_names=("dp", "tp"))
+        >>> params = load_dtensors("q3-tp2", world["tp"])
     """
     from torch.distributed.tensor import DTensor
 
     ckpt = ShardedCheckpoint(directory)
-    if tuple(mesh.mesh.shape) != ckpt.layout.mesh_shape:
+    names, shape = tuple(mesh.mesh_dim_names or ()), tuple(mesh.mesh.shape)
+    want_names, want_shape = ckpt.layout.mesh_dim_names, ckpt.layout.mesh_shape
+    if (names, shape) != (want_names, want_shape) and not (shape == (1,) and not want_names):
         raise CheckpointError(
-            f"mesh shape {tuple(mesh.mesh.shape)} does not match layout {ckpt.layout.name} {ckpt.layout.mesh_shape}"
+            f"mesh {dict(zip(names, shape)) or shape} does not match layout {ckpt.layout.name}: "
+            f"pass a mesh with dims {dict(zip(want_names, want_shape))}, in that order"
         )
-    rank = _rank(rank)
+    coordinate = mesh.get_coordinate()
+    if coordinate is None:
+        raise CheckpointError("this process is not part of the mesh given to load_dtensors")
+    rank = ckpt.layout.rank_of(dict(zip(want_names, coordinate)))
     local = ckpt.load_rank(rank, device=mesh.device_type)
     out = {}
     for name, p in ckpt.params.items():
-        tensor = local[name]
         stride = torch.empty(p.shape, device="meta").stride()
         out[name] = DTensor.from_local(
-            tensor,
+            local[name],
             mesh,
-            [to_torch(pl) for pl in p.placements],
+            [to_torch(pl) for pl in p.placements] or [to_torch(Replicate())],
             run_check=False,
             shape=torch.Size(p.shape),
             stride=stride,

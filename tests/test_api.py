@@ -185,7 +185,7 @@ def test_load_dtensors_gather_to_transformers_parameters(
         assert result["problems"] == [], f"rank {rank}: {result['problems']}"
         wrong = result["wrong_mesh"]
         assert wrong is not None, f"rank {rank}: a {wrong_shape} mesh was accepted for {layout}"
-        assert f"mesh shape {wrong_shape} does not match layout {layout}" in wrong, wrong
+        assert f"does not match layout {layout}" in wrong, wrong
     placements = results[0]["placements"]
     if layout == "ep2tp2":
         # Experts: Shard(0) over ep, and the fused gate_up strided over tp ([gate_r; up_r]).
@@ -194,3 +194,49 @@ def test_load_dtensors_gather_to_transformers_parameters(
         assert re.fullmatch(r"_StridedShard\(dim=(1|-2), sf=2\)", gate_up[1]), gate_up
         assert placements["model.layers.0.mlp.experts.down_proj"][0] == "Shard(dim=0)"
         assert placements["model.layers.0.mlp.gate.weight"] == ["Replicate()", "Replicate()"]
+
+
+def _rank_loads_from_a_sub_mesh(rank: int, world: int, directory: str, oracle_path: str) -> dict:
+    """A (dp=2, tp=2) world and a tp2 checkpoint: each rank loads through world["tp"]."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    oracle = load_file(oracle_path)
+    world_mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    tp_rank = world_mesh.get_local_rank("tp")
+    params = load_dtensors(directory, world_mesh["tp"])
+    local = load_local_tensors(directory, tp_rank)
+    problems = []
+    for name in sorted(oracle):
+        dt = params[name]
+        if not torch.equal(dt.to_local(), local[name]):
+            problems.append(f"{name}: to_local() is not tp rank {tp_rank}'s file tensor")
+        if not torch.equal(dt.full_tensor(), oracle[name]):
+            problems.append(f"{name}: full_tensor() over world['tp'] != transformers' parameter")
+    refusals = []
+    swapped = init_device_mesh("cpu", (2, 2), mesh_dim_names=("tp", "ep"))
+    for mesh, label in ((swapped, "tp, ep"), (world_mesh, "dp, tp")):
+        try:
+            load_dtensors(directory.replace("tp2", "ep2tp2"), mesh)
+        except CheckpointError as e:
+            refusals.append(str(e))
+        else:
+            refusals.append(f"accepted a ({label}) mesh for ep2tp2")
+    return {"tp_rank": tp_rank, "problems": problems, "refusals": refusals}
+
+
+def test_load_dtensors_takes_the_rank_from_the_mesh_coordinates(
+    convert_tiny, oracle_file, tmp_path
+):
+    """torchtitan passes sub-meshes: global rank 3 is tp rank 1 of world["tp"], not rank file 3."""
+    base = tmp_path / "ckpts"
+    shutil.copytree(convert_tiny("tp2"), base / "tp2")
+    shutil.copytree(convert_tiny("ep2tp2"), base / "ep2tp2")
+    results = run_on_ranks(
+        _rank_loads_from_a_sub_mesh, 4, str(base / "tp2"), str(oracle_file), timeout_s=180
+    )
+    assert [r["tp_rank"] for r in results] == [0, 1, 0, 1]
+    for rank, result in enumerate(results):
+        assert result["problems"] == [], f"rank {rank}: {result['problems']}"
+        for refusal in result["refusals"]:
+            assert "does not match layout ep2tp2" in refusal, refusal
+            assert "{'ep': 2, 'tp': 2}" in refusal, refusal

@@ -288,7 +288,7 @@ def test_rerun_after_the_source_changed_rewrites(tmp_path, tiny_dir):
 def test_converting_to_another_layout_in_place_leaves_no_stale_rank_files(tmp_path):
     out = tmp_path / "relayout"
     run("convert", "--src", "tiny:qwen3_moe", "--layout", "tp4", "--out", out)
-    run("convert", "--src", "tiny:qwen3_moe", "--layout", "tp2", "--out", out)
+    run("convert", "--src", "tiny:qwen3_moe", "--layout", "tp2", "--out", out, "--overwrite")
     assert sorted(p.name for p in out.glob("*.safetensors")) == rank_names(2)
 
 

@@ -1,0 +1,97 @@
+"""`reshard run SRC --layout L` converts into a cache keyed by what SRC is, not what it is called.
+
+Each case used to run the old cached weights: two directories given by the same relative
+path, a source rewritten in place, a cache entry whose manifest no longer matches.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from reshard.checkpoint import ShardedCheckpoint
+from reshard.convert import convert_cached
+from reshard.layout import Layout
+from reshard.sources import open_source
+
+NORM = "model.norm.weight"
+
+
+def _rewrite_norm(src: Path, delta: float) -> None:
+    """Change one tensor's values in place, keeping every size (what a re-download can do)."""
+    file = next(f for f in src.glob("*.safetensors") if NORM in load_file(str(f)))
+    tensors = load_file(str(file))
+    tensors[NORM] = tensors[NORM] + delta
+    save_file(tensors, str(file), metadata={"format": "pt"})
+
+
+def _norm_in(directory: Path) -> torch.Tensor:
+    ckpt = ShardedCheckpoint(directory)
+    return ckpt.load_rank(0)[NORM]  # replicated: every rank holds all of it
+
+
+def test_same_path_rewritten_in_place_is_converted_again(tiny_dir, tmp_path):
+    src, cache, layout = tmp_path / "src", tmp_path / "cache", Layout.parse("tp2")
+    shutil.copytree(tiny_dir, src)
+    first = convert_cached(open_source(str(src)), layout, cache, progress=False)
+    assert convert_cached(open_source(str(src)), layout, cache, progress=False) == first
+
+    _rewrite_norm(src, 1.0)
+    second = convert_cached(open_source(str(src)), layout, cache, progress=False)
+    assert second != first
+    want = load_file(str(next(f for f in src.glob("*.safetensors") if NORM in load_file(str(f)))))
+    assert torch.equal(_norm_in(second), want[NORM])
+    assert not torch.equal(_norm_in(first), want[NORM])
+
+
+def test_two_directories_behind_one_relative_path(tiny_dir, tmp_path, monkeypatch):
+    cache, layout = tmp_path / "cache", Layout.parse("tp2")
+    for name, delta in (("a", 0.0), ("b", 2.0)):
+        shutil.copytree(tiny_dir, tmp_path / name / "model")
+        _rewrite_norm(tmp_path / name / "model", delta)
+    monkeypatch.chdir(tmp_path / "a")
+    in_a = convert_cached(open_source("model"), layout, cache, progress=False)
+    monkeypatch.chdir(tmp_path / "b")
+    in_b = convert_cached(open_source("model"), layout, cache, progress=False)
+    assert in_a != in_b
+    assert not torch.equal(_norm_in(in_a), _norm_in(in_b))
+
+
+def test_a_cache_entry_that_no_longer_matches_is_replaced(tiny_dir, tmp_path):
+    cache, layout = tmp_path / "cache", Layout.parse("tp2")
+    entry = convert_cached(open_source(str(tiny_dir)), layout, cache, progress=False)
+    manifest = json.loads((entry / "reshard.json").read_text())
+    real = dict(manifest["source"]["files"])
+    manifest["source"]["files"] = {name: "0" * 64 for name in real}
+    (entry / "reshard.json").write_text(json.dumps(manifest))
+    again = convert_cached(open_source(str(tiny_dir)), layout, cache, progress=False)
+    assert again == entry
+    assert ShardedCheckpoint(again).manifest.source["files"] == real
+
+
+def test_run_uses_the_rewritten_source(tiny_dir, tmp_path):
+    """Through the CLI: the second `reshard run src --layout tp2` converts the new weights."""
+    src = tmp_path / "src"
+    shutil.copytree(tiny_dir, src)
+    env = dict(os.environ, RESHARD_CACHE=str(tmp_path / "cache"))
+    script = Path(sys.executable).with_name("reshard")
+    cmd = [str(script), "run", "src", "--layout", "tp2", "--prompt", "Why", "--max-new-tokens", "1"]
+    cmd += ["--device", "cpu", "--json", "--quiet"]
+    for delta in (None, 1.0):
+        if delta is not None:
+            _rewrite_norm(src, delta)
+        result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-3000:]
+    entries = sorted((tmp_path / "cache" / "converted").iterdir())
+    assert len(entries) == 2
+    source_hashes = open_source(str(src)).file_hashes()
+    assert [ShardedCheckpoint(e).manifest.source["files"] == source_hashes for e in entries].count(
+        True
+    ) == 1
