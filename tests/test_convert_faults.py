@@ -60,7 +60,7 @@ def _reshard_cmd() -> list[str]:
     return [str(script)] if script.is_file() else [sys.executable, "-m", "reshard.cli"]
 
 
-def _convert_cmd(src: Path, out: Path, layout: str = "ep2tp2", *extra: str) -> list[str]:
+def _convert_cmd(src: Path, out: Path, layout: str = "ep2tp2") -> list[str]:
     return [*_reshard_cmd(), "convert", "--src", str(src), "--layout", layout, "--out", str(out)]
 
 
@@ -252,7 +252,9 @@ def test_full_disk_is_refused_before_anything_is_written(tiny_dir, tmp_path):
     disk.mkdir()
     out = disk / "out"
     convert = " ".join(_convert_cmd(tiny_dir, out))
-    script = f"mount -t tmpfs -o size=512k tmpfs {disk} && {convert} --quiet; echo rc=$?; ls -A {out}"
+    script = (
+        f"mount -t tmpfs -o size=512k tmpfs {disk} && {convert} --quiet; echo rc=$?; ls -A {out}"
+    )
     result = subprocess.run(
         ["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=120
     )
