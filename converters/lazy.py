@@ -105,16 +105,16 @@ class SliceReader:
             if self._touched > self.resident_limit:
                 self._handles.clear()  # unmaps: the pages touched so far leave RSS
                 self._touched = touched
-            handle = self._handles.get(path)
-            if handle is None:
-                try:
-                    handle = safe_open(path, framework="pt")
-                except Exception as e:  # safetensors raises its own untyped errors
-                    raise SourceError(
-                        f"{path}: cannot read safetensors ({e}); a truncated download or a git-lfs pointer?"
-                    ) from e
-                self._handles[path] = handle
-            tensor = handle.get_slice(name)[tuple(slice(a, b) for a, b in box)]
+            try:
+                handle = self._handles.get(path)
+                if handle is None:
+                    handle = self._handles[path] = safe_open(path, framework="pt")
+                tensor = handle.get_slice(name)[tuple(slice(a, b) for a, b in box)]
+            except Exception as e:  # safetensors raises its own untyped errors
+                # Headers were checked when the source was opened: the file changed since.
+                raise SourceError(
+                    f"{path}: cannot read tensor {name} ({e}); was the file changed while reading?"
+                ) from e
         self.bytes_read[path] = (
             self.bytes_read.get(path, 0) + tensor.numel() * tensor.element_size()
         )

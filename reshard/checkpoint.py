@@ -18,6 +18,7 @@ from reshard.layout import Layout
 from reshard.manifest import Manifest, load_manifest
 from reshard.placements import Selection, local_selection, selection_shape
 from reshard.plan import ParamPlan
+from reshard.safetensors_header import read_header
 from reshard.writer import sha256_file
 
 
@@ -29,18 +30,17 @@ class ShardedCheckpoint:
         self.manifest: Manifest = load_manifest(self.directory)
         self.layout: Layout = self.manifest.parsed_layout
         self.params: dict[str, ParamPlan] = self.manifest.param_plans()
-        if len(self.manifest.ranks) != self.layout.world_size:
-            raise CheckpointError(
-                f"{self.directory}: manifest lists {len(self.manifest.ranks)} ranks, "
-                f"layout {self.layout.name} needs {self.layout.world_size}"
-            )
 
     def rank_path(self, rank: int) -> Path:
+        """Rank `rank`'s file; it must live in the directory (a symlink may not lead out of it)."""
         if not 0 <= rank < self.layout.world_size:
             raise CheckpointError(
                 f"rank {rank} out of range: layout {self.layout.name} has {self.layout.world_size} ranks"
             )
-        return self.directory / self.manifest.ranks[rank].file
+        path = self.directory / self.manifest.ranks[rank].file  # schema: a plain file name
+        if path.is_symlink() and path.resolve().parent != self.directory.resolve():
+            raise CheckpointError(f"{path}: a symlink to {path.resolve()}, outside the checkpoint")
+        return path
 
     def selection(self, name: str, rank: int) -> Selection:
         """Which global indices of parameter `name` rank `rank` holds."""
@@ -61,25 +61,36 @@ class ShardedCheckpoint:
             raise CheckpointError(
                 f"{path}: sha256 does not match the manifest (corrupt or replaced file)"
             )
+        self._check_own_header(rank, path)
+
+    def _check_own_header(self, rank: int, path: Path) -> None:
+        """The file's own header says which rank and layout it holds: a swapped or copied file,
+        even with the manifest's hashes edited to match, is caught here."""
+        header = read_header(path, error=CheckpointError)
+        says = (header.metadata.get("reshard_rank"), header.metadata.get("reshard_layout"))
+        if says != (str(rank), self.layout.name):
+            raise CheckpointError(
+                f"{path}: its header says rank {says[0]} of layout {says[1]}, but it is listed as "
+                f"rank {rank} of {self.layout.name} (files swapped or copied?)"
+            )
+        names = set(header.tensors)
+        missing, extra = sorted(set(self.params) - names), sorted(names - set(self.params))
+        if missing or extra:
+            raise CheckpointError(
+                f"{path}: lacks tensors {missing[:3]}, holds unlisted tensors {extra[:3]}"
+            )
+        for name, info in header.tensors.items():
+            expected = (self.params[name].dtype, selection_shape(self.selection(name, rank)))
+            if (info.dtype, info.shape) != expected:
+                raise CheckpointError(
+                    f"{path}: {name} is {info.dtype} {list(info.shape)}, the manifest says "
+                    f"{expected[0]} {list(expected[1])}"
+                )
 
     def load_rank(
         self, rank: int, *, device: str | torch.device = "cpu", verify: bool = True
     ) -> dict[str, torch.Tensor]:
-        """All local tensors of `rank`, checked against the manifest's names and local shapes."""
+        """All local tensors of `rank`, checked against the manifest (hash, rank, names, shapes, dtypes)."""
         self.check_rank_file(rank, hash=verify)
-        path = self.rank_path(rank)
-        out = {}
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
-            names = set(f.keys())
-            missing = sorted(set(self.params) - names)
-            if missing:
-                raise CheckpointError(f"{path}: lacks tensors {', '.join(missing[:5])}")
-            for name in self.params:
-                t = f.get_tensor(name)
-                expected = selection_shape(self.selection(name, rank))
-                if tuple(t.shape) != expected:
-                    raise CheckpointError(
-                        f"{path}: {name} has shape {list(t.shape)}, expected {list(expected)}"
-                    )
-                out[name] = t
-        return out
+        with safe_open(str(self.rank_path(rank)), framework="pt", device=str(device)) as f:
+            return {name: f.get_tensor(name) for name in self.params}

@@ -15,10 +15,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from safetensors import safe_open
-
-from reshard.converters.lazy import SAFETENSORS_DTYPES, SliceReader, SourceTensor
+from reshard.converters.lazy import SliceReader, SourceTensor
 from reshard.errors import SourceError
+from reshard.safetensors_header import read_header
 from reshard.writer import sha256_file
 
 # Files a sharded checkpoint carries along beside the rank files.
@@ -78,21 +77,54 @@ class Source:
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise SourceError(f"{path}: cannot read JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise SourceError(f"{path}: expected a JSON object, got a {type(data).__name__}")
+    return data
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _inside(directory: Path, name: str, where: Path) -> Path:
+    """`directory / name`, refusing names that lead out of the directory."""
+    path = directory / name
+    if Path(name).is_absolute() or ".." in Path(name).parts:
+        raise SourceError(f"{where}: names {name!r}, which is outside {directory}")
+    return path
+
+
+def _index_map(index: Path) -> dict[str, str]:
+    """The index's weight_map, checked: {tensor name: file name}."""
+    weight_map = _read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise SourceError(f"{index}: weight_map must map tensor names to file names")
+    return weight_map
 
 
 def _weight_files(directory: Path) -> list[Path]:
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(_read_json(index).get("weight_map", {}).values()))
-        missing = [f for f in files if not (directory / f).is_file()]
+        names = sorted(set(_index_map(index).values()))
+        files = [_inside(directory, f, index) for f in names]
+        missing = [f.name for f in files if not f.is_file()]
         if missing:
             raise SourceError(f"{index}: names files that are missing: {', '.join(missing)}")
-        return [directory / f for f in files]
+        return files
     files = sorted(directory.glob("*.safetensors"))
     if not files:
+        pickles = sorted(
+            p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file()
+        )
+        if pickles:
+            raise SourceError(
+                f"{directory}: holds PyTorch pickle weights ({', '.join(pickles[:3])}); reshard reads "
+                "only safetensors and never unpickles (convert them to safetensors first)"
+            )
         raise SourceError(
             f"{directory}: no *.safetensors files (and no model.safetensors.index.json)"
         )
@@ -102,30 +134,30 @@ def _weight_files(directory: Path) -> list[Path]:
 def _headers(files: list[Path], reader: SliceReader) -> dict[str, SourceTensor]:
     tensors: dict[str, SourceTensor] = {}
     for path in files:
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                for name in f.keys():
-                    sl = f.get_slice(name)
-                    if name in tensors:
-                        raise SourceError(
-                            f"tensor {name} is stored twice: {tensors[name].path} and {path}"
-                        )
-                    tensors[name] = SourceTensor(
-                        path=str(path),
-                        name=name,
-                        shape=tuple(sl.get_shape()),
-                        dtype=SAFETENSORS_DTYPES[sl.get_dtype()],
-                        reader=reader,
-                    )
-        except SourceError:
-            raise
-        except (
-            Exception
-        ) as e:  # safetensors raises untyped errors, e.g. HeaderTooLarge with no path
-            raise SourceError(
-                f"{path}: not a readable safetensors file ({e}); a truncated download or a git-lfs pointer?"
-            ) from e
+        for name, info in read_header(path, error=SourceError).tensors.items():
+            if name in tensors:
+                raise SourceError(f"tensor {name} is stored twice: {tensors[name].path} and {path}")
+            tensors[name] = SourceTensor(
+                path=str(path), name=name, shape=info.shape, dtype=info.dtype, reader=reader
+            )
     return tensors
+
+
+def _check_index(directory: Path, tensors: dict[str, SourceTensor]) -> None:
+    """The index and the files must agree on where every tensor is."""
+    index = directory / "model.safetensors.index.json"
+    if not index.is_file():
+        return
+    for name, file in sorted(_index_map(index).items()):
+        if name not in tensors:
+            raise SourceError(f"{index}: lists {name} in {file}, which does not hold it")
+        if Path(tensors[name].path).name != file:
+            raise SourceError(
+                f"{index}: lists {name} in {file}, but it is in {Path(tensors[name].path).name}"
+            )
+    unlisted = sorted(set(tensors) - set(_index_map(index)))
+    if unlisted:
+        raise SourceError(f"{index}: does not list {', '.join(unlisted[:3])}, stored in its files")
 
 
 def _hub_snapshot(repo: str, revision: str | None) -> Path:
@@ -177,14 +209,19 @@ def open_source(text: str) -> Source:
             raise SourceError(f"{text}: not a directory (give the checkpoint's directory)")
     if not (path / "config.json").is_file():
         raise SourceError(f"{path}: no config.json; not a Hugging Face checkpoint directory")
+    config = _read_json(path / "config.json")
+    if not isinstance(config.get("model_type"), str):
+        raise SourceError(f"{path / 'config.json'}: no model_type; which model is this?")
     reader = SliceReader()
     files = _weight_files(path)
+    tensors = _headers(files, reader)
+    _check_index(path, tensors)
     return Source(
         text=text,
         path=path,
-        config=_read_json(path / "config.json"),
+        config=config,
         files=files,
-        tensors=_headers(files, reader),
+        tensors=tensors,
         reader=reader,
         repo=repo,
         revision=revision or None,

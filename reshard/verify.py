@@ -9,6 +9,7 @@ import torch
 from safetensors import safe_open
 
 from reshard.checkpoint import ShardedCheckpoint
+from reshard.errors import CheckpointError
 from reshard.placements import Selection, boxes
 
 
@@ -46,7 +47,7 @@ def check_files(ckpt: ShardedCheckpoint) -> Iterator[Finding]:
         try:
             ckpt.check_rank_file(rank)
             yield Finding(True, f"{ckpt.rank_path(rank).name}: sha256 ok")
-        except Exception as e:
+        except CheckpointError as e:
             yield Finding(False, str(e))
 
 

@@ -112,7 +112,8 @@ def test_output_holds_exactly_the_rank_files_and_side_files(out):
 
 def test_manifest_fields(out, tiny_dir, hf_params):
     m = json.loads((out / "reshard.json").read_text())
-    assert m["format_version"] == 1
+    assert m["format_version"] == 2
+    assert m["dtype"] == "keep"
     assert m["source"]["spec"] == "tiny:qwen3_moe"
     assert m["source"]["files"] == {
         f.name: sha256(f) for f in sorted(tiny_dir.glob("*.safetensors"))
@@ -224,8 +225,14 @@ def test_dtype_bf16(tmp_path, hf_params):
     run("convert", "--src", "tiny:qwen3_moe", "--layout", "tp2", "--out", out, "--dtype", "bf16")
     m = json.loads((out / "reshard.json").read_text())
     assert {p["dtype"] for p in m["params"].values()} == {"BF16"}
+    assert m["dtype"] == "bf16"
     check_rank_files(out, hf_params, dtype=torch.bfloat16)
     run("verify", out, "--against", "tiny:qwen3_moe")
+    # verify --against converts the source with the recorded --dtype, it does not guess it
+    (out / "reshard.json").write_text(json.dumps(dict(m, dtype="fp16")))
+    result = run("verify", out, "--against", "tiny:qwen3_moe", ok=False)
+    assert result.exit_code == 1
+    assert "reassembled tensor differs from the source" in result.output
 
 
 def test_workers_2_writes_the_same_bytes_as_workers_1(out, tmp_path):
