@@ -351,8 +351,14 @@ def run(
       reshard run q3-ep4tp4 --prompt "Hi" --nnodes 2 --node-rank 0 --rdzv-endpoint node0:29500
     """
     from reshard.runtime.launch import Nodes, default_device, launch
+    from reshard.runtime.text import TextCodec
+    from reshard.runtime.worker import context_of
 
     ckpt = _check_files(_sharded_dir(src, layout, quiet))
+    # Refused here, in one line, before any rank starts (each rank checks again).
+    TextCodec(ckpt.directory).encode_prompt(
+        prompt, chat=chat, max_new_tokens=max_new_tokens, context=context_of(ckpt)
+    )
     worker_args = [
         "--prompt",
         prompt,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -73,13 +74,16 @@ def launch(
         env = dict(os.environ, RESHARD_ERROR_DIR=errors, PYTHONUNBUFFERED="1")
         # Many CPU ranks on few cores: one thread each (torchrun would say so, loudly).
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-        proc = subprocess.run(cmd, env=env, stderr=None if debug else subprocess.PIPE, text=True)
+        proc = _run_torchrun(cmd, env, capture=not debug)
         if proc.returncode == 0:
             # Pass on the ranks' own status lines; torchrun's chatter stays hidden.
             for line in (proc.stderr or "").splitlines():
                 if line.startswith("reshard: "):
                     print(line, file=sys.stderr)
             return
+        died = _rank_that_died(proc.stderr or "")
+        if died:
+            raise ReshardError(f"{died} during {mode}; the other ranks were stopped")
         messages = sorted(Path(errors).glob("rank-*.txt"), key=lambda p: int(p.stem.split("-")[1]))
         if messages:
             raise ReshardError(messages[0].read_text().strip())
@@ -88,3 +92,39 @@ def launch(
         errors = [line for line in lines if re.search(r"\w+(Error|Exception)\b", line)]
         hint = (errors or lines or [f"exit code {proc.returncode}"])[-1]
         raise ReshardError(f"the ranks failed ({hint}); set RESHARD_DEBUG=1 to see their output")
+
+
+def _run_torchrun(cmd: list[str], env: dict, *, capture: bool) -> subprocess.CompletedProcess:
+    """Run torchrun; if we are interrupted (Ctrl-C, SIGTERM), stop it the way it stops its ranks.
+
+    torchrun forwards SIGTERM to every rank and waits for them; a SIGKILL (what
+    subprocess.run sends) would orphan the ranks instead.
+    """
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE if capture else None, text=True)
+    try:
+        _, err = proc.communicate()
+    except BaseException:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, None, err)
+
+
+# torchrun's failure summary names the rank it saw fail first, with its exit code
+# (negative: the signal that killed it).
+_ROOT_CAUSE = re.compile(r"Root Cause.*?\brank\s*:\s*(\d+).*?\bexitcode\s*:\s*(-?\d+)", re.S)
+
+
+def _rank_that_died(stderr: str) -> str | None:
+    """`rank N died (SIGKILL)` when a rank was killed by a signal rather than failing itself."""
+    match = _ROOT_CAUSE.search(stderr)
+    if not match or int(match[2]) >= 0:
+        return None
+    try:
+        name = signal.Signals(-int(match[2])).name
+    except ValueError:
+        name = f"signal {-int(match[2])}"
+    return f"rank {match[1]} died ({name})"

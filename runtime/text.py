@@ -45,6 +45,24 @@ class TextCodec:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
+    def stream(self) -> StreamDecoder:
+        """A decoder for text that arrives token by token (see `StreamDecoder`)."""
+        return StreamDecoder(self)
+
+    def encode_prompt(
+        self, prompt: str, *, chat: bool, max_new_tokens: int, context: int
+    ) -> list[int]:
+        """The prompt's ids; refuse an empty prompt or one that leaves no room to generate."""
+        if not prompt.strip():
+            raise CheckpointError("--prompt is empty; give some text to continue")
+        ids = self.encode(prompt, chat=chat)
+        if len(ids) + max_new_tokens > context:
+            raise CheckpointError(
+                f"prompt is {len(ids)} tokens; with --max-new-tokens {max_new_tokens} it exceeds "
+                f"the model's context of {context} tokens"
+            )
+        return ids
+
     def apply_chat_template(self, messages: list[dict]) -> str:
         if not self.chat_template:
             raise CheckpointError(
@@ -58,6 +76,42 @@ class TextCodec:
         return template.render(
             messages=messages, add_generation_prompt=True, **_special_tokens(self.config)
         )
+
+
+class StreamDecoder:
+    """Turn a growing list of token ids into text deltas that never split a character.
+
+    A byte-level BPE token can end in the middle of a UTF-8 character (an emoji
+    or a CJK character spans several tokens); decoding then ends in U+FFFD. The
+    text is held back until the character is complete, so the deltas joined
+    equal `decode(all ids)`.
+
+    >>> stream = codec.stream()
+    >>> "".join(stream.update(ids[:n]) for n in range(1, len(ids) + 1)) + stream.flush()
+    """
+
+    def __init__(self, codec: TextCodec):
+        self.codec = codec
+        self.ids: list[int] = []
+        self.shown = ""
+
+    def update(self, ids: list[int]) -> str:
+        """`ids` is everything generated so far; returns the newly completed text."""
+        self.ids = list(ids)
+        text = self.codec.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""  # the last character's bytes are not all here yet
+        return self._advance(text)
+
+    def flush(self) -> str:
+        """Whatever is left (at the end of generation, even an incomplete character)."""
+        return self._advance(self.codec.decode(self.ids))
+
+    def _advance(self, text: str) -> str:
+        # Byte-level decoding is prefix-stable: earlier text never changes once complete.
+        delta = text[len(self.shown) :] if text.startswith(self.shown) else text
+        self.shown = text
+        return delta
 
 
 def _read(path: Path) -> dict:

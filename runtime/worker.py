@@ -58,26 +58,19 @@ def _init(ckpt: ShardedCheckpoint, device: torch.device, timeout_s: float) -> in
 
 def run(args: argparse.Namespace, ckpt: ShardedCheckpoint, rank: int, device: torch.device) -> None:
     codec = TextCodec(ckpt.directory)
-    prompt_ids = codec.encode(args.prompt, chat=args.chat)
-    context = ckpt.manifest.config.get("max_position_embeddings", 32768)
-    if len(prompt_ids) + args.max_new_tokens > context:
-        raise ReshardError(
-            f"prompt is {len(prompt_ids)} tokens; with --max-new-tokens {args.max_new_tokens} it exceeds "
-            f"the model's context of {context} tokens"
-        )
+    prompt_ids = codec.encode_prompt(
+        args.prompt, chat=args.chat, max_new_tokens=args.max_new_tokens, context=context_of(ckpt)
+    )
     pm = load_parallel_model(ckpt, rank, device=device)
     pm.model.eval()
     headroom = ckpt.layout.size("tp")  # -sp pads every step to a multiple of tp, into the cache
     cache = KVCache(max_seq_len=len(prompt_ids) + args.max_new_tokens + headroom)
-    stream = rank == 0 and not args.json
-    printed = [""]
+    stream = codec.stream() if rank == 0 and not args.json else None
 
     def on_token(ids: list[int]) -> None:
-        if stream:
-            text = codec.decode(ids)
-            sys.stdout.write(text[len(printed[0]) :])
+        if stream is not None:
+            sys.stdout.write(stream.update(ids))
             sys.stdout.flush()
-            printed[0] = text
 
     def step(ids_BT: torch.Tensor, start_pos: int) -> torch.Tensor:
         return pm.model(ids_BT.to(device), start_pos, cache)
@@ -116,11 +109,16 @@ def run(args: argparse.Namespace, ckpt: ShardedCheckpoint, rank: int, device: to
             }
             print(json.dumps(result))
         else:
-            sys.stdout.write("\n")
+            sys.stdout.write(stream.flush() + "\n")
             print(
                 f"reshard: {len(output_ids)} tokens, {len(output_ids) / elapsed:.1f} tokens/s on {ckpt.layout.name}",
                 file=sys.stderr,
             )
+
+
+def context_of(ckpt: ShardedCheckpoint) -> int:
+    """The model's context length, in tokens."""
+    return ckpt.manifest.config.get("max_position_embeddings", 32768)
 
 
 def validate(

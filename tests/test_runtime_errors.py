@@ -201,3 +201,56 @@ def test_worker_started_with_the_wrong_world_size(convert_tiny, tmp_path):
     for name, text in messages.items():
         assert "layout ep2tp2 needs 4 ranks, started with 3" in text, (name, text)
         assert "\n" not in text.strip(), (name, text)
+
+
+def test_empty_prompt_is_refused_before_any_rank_starts(convert_tiny):
+    directory = convert_tiny("tp2")
+    for prompt in ("", "   \n"):
+        args = ["run", str(directory), "--prompt", prompt, "--device", "cpu"]
+        assert_one_clear_error(reshard(*args), "--prompt is empty")
+
+
+def _rank_pids(directory: Path, rank: int) -> list[int]:
+    """Worker processes running `directory` whose environment says RANK=`rank`.
+
+    (torchrun starts its ranks in sessions of their own, so the session does not find them.)
+    """
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"reshard.runtime.worker" in cmdline and str(directory).encode() in cmdline:
+            if f"RANK={rank}".encode() in environ:
+                pids.append(int(proc.name))
+    return pids
+
+
+def test_a_rank_killed_mid_run_stops_the_others_and_is_named(convert_tiny):
+    directory = convert_tiny("tp2")
+    cmd = [*_reshard_cmd(), "run", str(directory), "--prompt", "Why is the sky blue?"]
+    cmd += ["--max-new-tokens", "480", "--device", "cpu", "--timeout", "30"]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+    )
+    try:
+        first = proc.stdout.read(1)  # rank 0 streams: generation has started
+        assert first, proc.stderr.read().decode()[-3000:]
+        victims = _rank_pids(directory, 1)
+        assert len(victims) == 1, victims
+        killed_at = time.monotonic()
+        os.kill(victims[0], signal.SIGKILL)
+        _, err = proc.communicate(timeout=120)
+        took = time.monotonic() - killed_at
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    _assert_session_gone(proc.pid)
+    assert _rank_pids(directory, 0) == [], "rank 0 outlived the run"
+    result = Finished(proc.returncode, "", err.decode())
+    assert_one_clear_error(result, "rank 1 died (SIGKILL) during run", "other ranks were stopped")
+    assert took < 30, f"the other rank took {took:.0f}s to stop (collective timeout 30s)"
