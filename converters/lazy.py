@@ -41,6 +41,8 @@ SAFETENSORS_DTYPES = {
     "F8_E5M2": torch.float8_e5m2,
 }
 DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+# `convert --dtype` choices: the floating-point dtype every float tensor is cast to ("keep": none).
+CAST_DTYPES = {"keep": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 class LazyTensor:

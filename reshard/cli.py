@@ -26,7 +26,7 @@ src_option = click.option("--src", required=True, metavar="SRC", help=SRC_HELP)
 layout_option = click.option("--layout", required=True, metavar="LAYOUT", help=LAYOUT_HELP)
 dtype_option = click.option(
     "--dtype",
-    type=click.Choice(["keep", "bf16", "fp16", "fp32"]),
+    type=click.Choice(["keep", "bf16", "fp16", "fp32"]),  # converters.lazy.CAST_DTYPES
     default="keep",
     show_default=True,
     help="Cast floating-point tensors while writing.",

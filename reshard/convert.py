@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from reshard.converters import ModelSpec, get_spec
-from reshard.converters.lazy import Cast, LazyTensor, RepeatBlocks, read_selection
+from reshard.converters.lazy import CAST_DTYPES, Cast, LazyTensor, RepeatBlocks, read_selection
 from reshard.errors import LayoutError, OutputError, ReshardError, SourceError
 from reshard.layout import Layout
 from reshard.manifest import MANIFEST, Manifest, RankEntry, param_plan_to_json, rank_file_name
@@ -46,7 +46,6 @@ from reshard.writer import (
     sha256_file,
 )
 
-DTYPES = {"keep": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PROGRESS_DIR = ".reshard"
 
 
@@ -140,8 +139,8 @@ def check_fit(args, layout: Layout) -> None:
 
 def make_plan(source: Source, layout: Layout, dtype: str = "keep") -> ConversionPlan:
     """Validate and plan the conversion of `source` to `layout`; reads headers only."""
-    if dtype not in DTYPES:
-        raise ReshardError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    if dtype not in CAST_DTYPES:
+        raise ReshardError(f"--dtype {dtype!r}: choose one of {', '.join(CAST_DTYPES)}")
     spec = get_spec(source.model_type)
     try:
         args = spec.model_args(source.config)
@@ -158,11 +157,11 @@ def make_plan(source: Source, layout: Layout, dtype: str = "keep") -> Conversion
             head_repeat = tp // kv
             tensor = RepeatBlocks(tensor, dim=0, block=args.head_dim, repeats=head_repeat)
         if (
-            DTYPES[dtype] is not None
+            CAST_DTYPES[dtype] is not None
             and tensor.dtype.is_floating_point
-            and tensor.dtype != DTYPES[dtype]
+            and tensor.dtype != CAST_DTYPES[dtype]
         ):
-            tensor = Cast(tensor, DTYPES[dtype])
+            tensor = Cast(tensor, CAST_DTYPES[dtype])
         targets[name] = tensor
         styles = spec.styles_for(name)
         p = ParamPlan(

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from reshard.converters.lazy import DTYPE_NAMES, SAFETENSORS_DTYPES
+from reshard.converters.lazy import CAST_DTYPES, DTYPE_NAMES, SAFETENSORS_DTYPES
 from reshard.errors import CheckpointError, ReshardError
 from reshard.layout import Layout
 from reshard.placements import normalize, parse_placement
@@ -28,7 +28,6 @@ from reshard.plan import ParamPlan, check_divisible
 
 FORMAT_VERSION = 2
 MANIFEST = "reshard.json"
-CONVERT_DTYPES = ("keep", "bf16", "fp16", "fp32")  # what `convert --dtype` accepts
 
 
 def rank_file_name(rank: int, world: int) -> str:
@@ -132,7 +131,7 @@ def _check_param(name: str, entry: Any, layout: Layout) -> None:
     shape = _expect(entry["shape"], list, f"{where}.shape")
     if not all(_is_int(s) and s >= 0 for s in shape):
         raise _Invalid(f"{where}.shape", f"{shape} is not a list of non-negative ints")
-    if entry["dtype"] not in SAFETENSORS_DTYPES:
+    if not isinstance(entry["dtype"], str) or entry["dtype"] not in SAFETENSORS_DTYPES:
         raise _Invalid(f"{where}.dtype", f"{json.dumps(entry['dtype'])[:40]} is not a known dtype")
     styles = _expect(entry["styles"], list, f"{where}.styles")
     if not all(isinstance(s, str) for s in styles):
@@ -205,8 +204,10 @@ def manifest_from_json(data: Any) -> Manifest:
         raise _Invalid("layout", str(e)) from None
     if data["mesh"] != dict(layout.dims):
         raise _Invalid("mesh", f"{data['mesh']} is not layout {layout.name}'s {dict(layout.dims)}")
-    if data["dtype"] not in CONVERT_DTYPES:
-        raise _Invalid("dtype", f"{json.dumps(data['dtype'])[:40]} is not one of {CONVERT_DTYPES}")
+    if not isinstance(data["dtype"], str) or data["dtype"] not in CAST_DTYPES:
+        raise _Invalid(
+            "dtype", f"{json.dumps(data['dtype'])[:40]} is not one of {list(CAST_DTYPES)}"
+        )
     for key, kind in (("source", dict), ("model_type", str), ("config", dict)):
         _expect(data[key], kind, key)
     notes = _expect(data.get("notes", []), list, "notes")

@@ -220,6 +220,14 @@ def test_transformers_written_checkpoint(kind, layout, hf_written, tmp_path):
 # --- options -------------------------------------------------------------------------------------
 
 
+def test_dtype_choices_are_the_cast_dtypes():
+    from reshard.cli import convert
+    from reshard.converters.lazy import CAST_DTYPES
+
+    option = next(p for p in convert.params if p.name == "dtype")
+    assert list(option.type.choices) == list(CAST_DTYPES)
+
+
 def test_dtype_bf16(tmp_path, hf_params):
     out = tmp_path / "bf16"
     run("convert", "--src", "tiny:qwen3_moe", "--layout", "tp2", "--out", out, "--dtype", "bf16")

@@ -342,7 +342,9 @@ def test_a_failing_worker_stops_the_others_at_once(tmp_path, monkeypatch):
     start = time.monotonic()
     with pytest.raises(OutputError, match="rank 1: injected failure"):
         convert_module.convert(plan, tmp_path / "out", workers=4, progress=False)
-    assert time.monotonic() - start < 20
+    took = time.monotonic() - start
+    assert took < 20
+    print(f"a failing worker stopped the conversion after {took:.1f}s")
     assert multiprocessing.active_children() == []
     assert not (tmp_path / "out" / "reshard.json").exists()
 

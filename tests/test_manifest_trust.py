@@ -91,6 +91,8 @@ CASES = {
         f"params[\"{GATE_UP}\"].placements[1]: unknown placement 'Shard(zero)'",
     ),
     "an unknown dtype": (_set(["params", GATE_UP, "dtype"], "F128"), "is not a known dtype"),
+    "a list as a dtype": (_set(["params", GATE_UP, "dtype"], ["F32"]), "is not a known dtype"),
+    "a list as the --dtype": (_set(["dtype"], ["bf16"]), 'dtype: ["bf16"] is not one of'),
     "an integer layout": (_set(["layout"], 4), "layout: expected str"),
     "a layout that does not parse": (_set(["layout"], "ep2xp2"), "does not parse"),
     "a mesh that disagrees": (_set(["mesh"], {"ep": 4}), "mesh: {'ep': 4} is not layout"),
