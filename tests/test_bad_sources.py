@@ -8,19 +8,18 @@ import json
 import shutil
 import struct
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+from helpers_cli import one_error_line, reshard_cmd
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from reshard.errors import SourceError
 from reshard.safetensors_header import read_header
 
-HINT = "(set RESHARD_DEBUG=1 for the traceback)"
 FIRST = "model-00001-of-00002.safetensors"
 
 
@@ -74,11 +73,6 @@ def _overlap(header: dict) -> None:
     b["data_offsets"] = [a["data_offsets"][0], a["data_offsets"][0] + size]
 
 
-def _truncate(src: Path) -> None:
-    path = src / FIRST
-    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-
-
 def _header_length_past_eof(src: Path) -> None:
     path = src / FIRST
     raw = path.read_bytes()
@@ -93,12 +87,6 @@ def _header_length_huge(src: Path) -> None:
 def _invalid_json(src: Path) -> None:
     _, data = _raw_header(src / FIRST)
     _write_raw(src / FIRST, b'{"a": [1, 2', data)
-
-
-def _lfs_pointer(src: Path) -> None:
-    (src / FIRST).write_text(
-        "version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 123\n"
-    )
 
 
 def _duplicate_key(src: Path) -> None:
@@ -149,10 +137,6 @@ def _pickle_only(src: Path) -> None:
     (src / "pytorch_model.bin").write_bytes(b"\x80\x04cos\nsystem\n(S'touch /tmp/pwned'\ntR.")
 
 
-def _config_missing(src: Path) -> None:
-    (src / "config.json").unlink()
-
-
 def _config_a_list(src: Path) -> None:
     (src / "config.json").write_text("[1, 2]")
 
@@ -163,19 +147,12 @@ def _config_without_model_type(src: Path) -> None:
     (src / "config.json").write_text(json.dumps(config))
 
 
-def _config_unknown_model_type(src: Path) -> None:
-    config = json.loads((src / "config.json").read_text())
-    config["model_type"] = "qwen9_moe"
-    (src / "config.json").write_text(json.dumps(config))
-
-
-# case -> (damage, fragments the one error line must contain; "{src}" is the directory)
+# case -> (damage, fragments the one error line must contain). Truncated files, git-lfs
+# pointers, a missing config and an unknown model_type are in test_cli_convert.py.
 CASES = {
-    "truncated file": (_truncate, [FIRST, "truncated download?"]),
     "header length past EOF": (_header_length_past_eof, [FIRST, "runs past the end"]),
     "header length huge": (_header_length_huge, [FIRST, "larger than safetensors allows"]),
     "invalid JSON header": (_invalid_json, [FIRST, "header is not valid JSON"]),
-    "git-lfs pointer": (_lfs_pointer, [FIRST, "git-lfs pointer"]),
     "duplicate header key": (_duplicate_key, [FIRST, "twice"]),
     "unsupported dtype": (
         _edit_header(_set_dtype),
@@ -189,16 +166,13 @@ CASES = {
     "index misplaces a tensor": (_index_misplaces_a_tensor, ["index.json", "but it is in"]),
     "tensor in two files": (_tensor_in_two_files, ["is stored twice"]),
     "pickle weights only": (_pickle_only, ["pytorch_model.bin", "never unpickles"]),
-    "config missing": (_config_missing, ["no config.json"]),
     "config a JSON list": (_config_a_list, ["config.json", "expected a JSON object"]),
     "config without model_type": (_config_without_model_type, ["config.json", "no model_type"]),
-    "unknown model_type": (_config_unknown_model_type, ["'qwen9_moe' is not supported"]),
 }
 
 
 def _reshard(*args: str) -> subprocess.CompletedProcess:
-    script = Path(sys.executable).with_name("reshard")
-    return subprocess.run([str(script), *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run([*reshard_cmd(), *args], capture_output=True, text=True, timeout=120)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -209,13 +183,7 @@ def test_bad_source_is_one_line_and_writes_nothing_finished(tiny_dir, tmp_path, 
     out = tmp_path / "out"
     # convert opens and plans exactly as `plan` does, then must write nothing that looks finished
     result = _reshard("convert", "--src", str(src), "--layout", "tp2", "--out", str(out))
-    assert result.returncode == 1, result.stderr
-    assert "Traceback" not in result.stderr, result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 2 and lines[1] == HINT, lines
-    assert lines[0].startswith("error: "), lines
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
+    one_error_line(result.returncode, result.stderr, *fragments)
     assert not (out / "reshard.json").exists()
     assert not Path("/tmp/pwned").exists()
 

@@ -15,9 +15,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers_cli import HINT
 from safetensors.torch import load_file, save_file
 
-HINT = "(set RESHARD_DEBUG=1 for the traceback)"
 SCRIPT = Path(sys.executable).parent / "reshard"
 
 

@@ -9,7 +9,6 @@ finishes it, keeping the rank files that were complete, and leaves no temp files
 from __future__ import annotations
 
 import errno
-import importlib.util
 import io
 import json
 import os
@@ -22,24 +21,13 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers_cli import assert_session_gone, load_benchmark, one_error_line, reshard_cmd
 
 from reshard.checkpoint import ShardedCheckpoint
 from reshard.errors import CheckpointError, OutputError
 from reshard.verify import check_files
 
-HINT = "(set RESHARD_DEBUG=1 for the traceback)"
-
-
-def _load_benchmark():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "convert_memory.py"
-    spec = importlib.util.spec_from_file_location("convert_memory_for_faults", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_benchmark()
+bench = load_benchmark("convert_memory")
 
 # ~100 MiB of bf16 in 7 files: a conversion takes a few seconds here, so kills land mid-write.
 SIZE = bench.Size(
@@ -55,13 +43,8 @@ SIZE = bench.Size(
 KILLS = 24
 
 
-def _reshard_cmd() -> list[str]:
-    script = Path(sys.executable).with_name("reshard")
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "reshard.cli"]
-
-
 def _convert_cmd(src: Path, out: Path, layout: str = "ep2tp2") -> list[str]:
-    return [*_reshard_cmd(), "convert", "--src", str(src), "--layout", layout, "--out", str(out)]
+    return [*reshard_cmd(), "convert", "--src", str(src), "--layout", layout, "--out", str(out)]
 
 
 def _start(cmd: list[str]) -> subprocess.Popen:
@@ -80,22 +63,8 @@ def _finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         pytest.fail(f"convert did not finish in {timeout}s")
-    _assert_session_gone(proc.pid)
+    assert_session_gone(proc.pid)
     return proc.returncode, err
-
-
-def _assert_session_gone(pgid: int, grace_s: float = 10.0) -> None:
-    """No process of the command's session (e.g. a pool worker) outlives it."""
-    deadline = time.monotonic() + grace_s
-    while True:
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return
-        if time.monotonic() > deadline:
-            os.killpg(pgid, signal.SIGKILL)
-            pytest.fail(f"processes of session {pgid} outlived the convert by {grace_s}s")
-        time.sleep(0.05)
 
 
 def _temp_files(out: Path) -> list[str]:
@@ -182,7 +151,7 @@ def test_sigkill_at_random_points_then_resume(synthetic, tmp_path):
     for name in (p.name for p in reference.glob("rank-*.safetensors")):
         assert (out / name).read_bytes() == (reference / name).read_bytes(), name
     verify = subprocess.run(
-        [*_reshard_cmd(), "verify", str(out), "--against", str(synthetic), "--quiet"],
+        [*reshard_cmd(), "verify", str(out), "--against", str(synthetic), "--quiet"],
         capture_output=True,
         text=True,
     )
@@ -230,13 +199,11 @@ def test_a_second_convert_into_the_same_out_is_refused(synthetic, tmp_path):
     second = subprocess.run(
         [*_convert_cmd(synthetic, out), "--quiet"], capture_output=True, text=True, timeout=120
     )
-    assert second.returncode == 1, second.stderr
-    lines = [line for line in second.stderr.splitlines() if line.strip()]
-    assert lines == [
+    error = one_error_line(second.returncode, second.stderr)
+    assert error == (
         f"error: --out {out}: another reshard convert (pid {first.pid}) is writing there; "
-        "wait for it to finish",
-        HINT,
-    ]
+        "wait for it to finish"
+    )
     first.send_signal(signal.SIGKILL)  # the kernel drops the lock with the process
     _finish(first)
     code, err = _finish(_start(_convert_cmd(synthetic, out)))
@@ -259,10 +226,8 @@ def test_full_disk_is_refused_before_anything_is_written(tiny_dir, tmp_path):
         ["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=120
     )
     assert "rc=1" in result.stdout, (result.stdout, result.stderr)
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 2 and lines[1] == HINT, lines
-    assert lines[0].startswith(f"error: --out {out}: needs "), lines
-    assert "bytes for the rank files, only" in lines[0] and "free on its disk" in lines[0], lines
+    error = one_error_line(1, result.stderr, "bytes for the rank files, only", "free on its disk")
+    assert error.startswith(f"error: --out {out}: needs "), error
     listed = result.stdout.split("rc=1", 1)[1].split()
     assert listed == [".reshard"], listed  # no rank file, no temp file, no manifest
 
@@ -296,11 +261,9 @@ def test_disk_full_mid_write_is_one_line_and_leaves_nothing(tmp_path, monkeypatc
     monkeypatch.setattr(sys, "argv", [*args, "--quiet"])
     with pytest.raises(SystemExit) as e:
         reshard.cli.main()
-    assert e.value.code == 1
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert len(lines) == 2 and lines[1] == HINT, lines
-    assert lines[0].startswith(f"error: {out}/rank-0000"), lines
-    assert "disk full (" in lines[0] and "more bytes needed for this file" in lines[0], lines
+    error = one_error_line(e.value.code, capsys.readouterr().err, "disk full (")
+    assert error.startswith(f"error: {out}/rank-0000"), error
+    assert "more bytes needed for this file" in error, error
     assert _temp_files(out) == []
     assert not (out / "reshard.json").exists()
 

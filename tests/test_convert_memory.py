@@ -9,27 +9,16 @@ the measurement sees a whole-model load when there is one.
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
-import sys
-from pathlib import Path
 
 import pytest
+from helpers_cli import load_benchmark
 
 MiB = 1 << 20
 K, CONSTANT = 4, 64 * MiB  # the bound: peak - import <= K * largest shard + CONSTANT
 
 
-def _load_benchmark():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "convert_memory.py"
-    spec = importlib.util.spec_from_file_location("convert_memory", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_benchmark()
+bench = load_benchmark("convert_memory")
 
 # 10 layers x 32 experts of [256, 512] bf16 + 8192-token vocab: ~270 MiB in 11 files.
 SIZE = bench.Size(

@@ -10,18 +10,17 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from helpers_cli import one_error_line, reshard_cmd
 
 from reshard.checkpoint import ShardedCheckpoint
 from reshard.errors import CheckpointError
 from reshard.runtime import load_local_tensors
 from reshard.writer import sha256_file
 
-HINT = "(set RESHARD_DEBUG=1 for the traceback)"
 GATE_UP = "model.layers.0.mlp.experts.gate_up_proj"
 
 
@@ -38,17 +37,11 @@ def _edit(directory: Path, change: Callable[[dict], object]) -> None:
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    script = Path(sys.executable).with_name("reshard")
-    return subprocess.run([str(script), *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run([*reshard_cmd(), *args], capture_output=True, text=True, timeout=120)
 
 
 def _assert_one_line(result: subprocess.CompletedProcess, *fragments: str) -> None:
-    assert result.returncode == 1, result.stderr
-    assert "Traceback" not in result.stderr, result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 2 and lines[1] == HINT and lines[0].startswith("error: "), lines
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
+    one_error_line(result.returncode, result.stderr, *fragments)
 
 
 def _assert_verify_fails(result: subprocess.CompletedProcess, *fragments: str) -> None:

@@ -10,10 +10,10 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import torch
+from helpers_cli import reshard_cmd
 from safetensors.torch import load_file, save_file
 
 from reshard.checkpoint import ShardedCheckpoint
@@ -81,9 +81,8 @@ def test_run_uses_the_rewritten_source(tiny_dir, tmp_path):
     src = tmp_path / "src"
     shutil.copytree(tiny_dir, src)
     env = dict(os.environ, RESHARD_CACHE=str(tmp_path / "cache"))
-    script = Path(sys.executable).with_name("reshard")
-    cmd = [str(script), "run", "src", "--layout", "tp2", "--prompt", "Why", "--max-new-tokens", "1"]
-    cmd += ["--device", "cpu", "--json", "--quiet"]
+    run = ["run", "src", "--layout", "tp2", "--prompt", "Why", "--max-new-tokens", "1"]
+    cmd = [*reshard_cmd(), *run, "--device", "cpu", "--json", "--quiet"]
     for delta in (None, 1.0):
         if delta is not None:
             _rewrite_norm(src, delta)

@@ -18,15 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from helpers_cli import assert_session_gone, one_error_line, reshard_cmd
 from helpers_files import flip_a_data_byte
 
-HINT = "(set RESHARD_DEBUG=1 for the traceback)"
 LAUNCH_TIMEOUT_S = 180  # a launch that fails must still end well before this
-
-
-def _reshard_cmd() -> list[str]:
-    script = Path(sys.executable).with_name("reshard")
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "reshard.cli"]
 
 
 @dataclass
@@ -56,39 +51,17 @@ def _run(cmd: list[str], *, timeout: float, env: dict | None = None) -> Finished
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
         pytest.fail(f"{' '.join(cmd[:4])} ... did not finish in {timeout}s:\n{err[-3000:]}")
-    _assert_session_gone(proc.pid)
+    assert_session_gone(proc.pid)
     return Finished(proc.returncode, out, err)
 
 
-def _assert_session_gone(pgid: int, grace_s: float = 10.0) -> None:
-    """Every process of the command's session (torchrun and its ranks) has exited."""
-    deadline = time.monotonic() + grace_s
-    while True:
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return
-        if time.monotonic() > deadline:
-            os.killpg(pgid, signal.SIGKILL)
-            pytest.fail(f"processes of session {pgid} were still running {grace_s}s after it ended")
-        time.sleep(0.1)
-
-
 def reshard(*args: str, timeout: float = 60) -> Finished:
-    return _run([*_reshard_cmd(), *args], timeout=timeout)
+    return _run([*reshard_cmd(), *args], timeout=timeout)
 
 
 def assert_one_clear_error(result: Finished, *fragments: str) -> str:
     """Exit 1; stderr is exactly `error: ...` plus the debug hint; the error names `fragments`."""
-    assert result.returncode == 1, (result.returncode, result.stderr[-3000:])
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    lines = result.error_lines
-    assert len(lines) == 2 and lines[1] == HINT, lines
-    error = lines[0]
-    assert error.startswith("error: "), error
-    for fragment in fragments:
-        assert fragment in error, (fragment, error)
-    return error
+    return one_error_line(result.returncode, result.stderr, *fragments)
 
 
 @pytest.fixture
@@ -232,7 +205,7 @@ def _rank_pids(directory: Path, rank: int) -> list[int]:
 
 def test_a_rank_killed_mid_run_stops_the_others_and_is_named(convert_tiny):
     directory = convert_tiny("tp2")
-    cmd = [*_reshard_cmd(), "run", str(directory), "--prompt", "Why is the sky blue?"]
+    cmd = [*reshard_cmd(), "run", str(directory), "--prompt", "Why is the sky blue?"]
     cmd += ["--max-new-tokens", "480", "--device", "cpu", "--timeout", "30"]
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
@@ -249,7 +222,7 @@ def test_a_rank_killed_mid_run_stops_the_others_and_is_named(convert_tiny):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    _assert_session_gone(proc.pid)
+    assert_session_gone(proc.pid)
     assert _rank_pids(directory, 0) == [], "rank 0 outlived the run"
     result = Finished(proc.returncode, "", err.decode())
     assert_one_clear_error(result, "rank 1 died (SIGKILL) during run", "other ranks were stopped")

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers_cli import reshard_cmd
 
 transformers = pytest.importorskip("transformers")
 
@@ -165,11 +166,6 @@ def _tokenizer(directory: Path):
 # --- launching: all selected launches up front, two at a time -------------------------------------
 
 
-def _reshard_cmd() -> list[str]:
-    script = Path(sys.executable).with_name("reshard")
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "reshard.cli"]
-
-
 @dataclass
 class Launch:
     cmd: list[str]
@@ -230,14 +226,14 @@ class Launcher:
 
 def _validate_cmd(directory: Path, against: str, reference: str) -> list[str]:
     return [
-        *_reshard_cmd(), "validate", str(directory), "--against", against,
+        *reshard_cmd(), "validate", str(directory), "--against", against,
         "--reference", reference, "--json", "--device", "cpu", "--timeout", COLLECTIVE_TIMEOUT_S,
     ]  # fmt: skip
 
 
 def _run_cmd(directory: Path, prompt: str) -> list[str]:
     return [
-        *_reshard_cmd(), "run", str(directory), "--prompt", prompt,
+        *reshard_cmd(), "run", str(directory), "--prompt", prompt,
         "--max-new-tokens", str(MAX_NEW_TOKENS), "--json", "--device", "cpu",
         "--timeout", COLLECTIVE_TIMEOUT_S,
     ]  # fmt: skip

@@ -1,0 +1,57 @@
+"""Running the real `reshard` command in tests, and the shape its errors must have."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+HINT = "(set RESHARD_DEBUG=1 for the traceback)"
+
+
+def reshard_cmd() -> list[str]:
+    """The installed console script (so its entry point is tested too), else `python -m`."""
+    script = Path(sys.executable).with_name("reshard")
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "reshard.cli"]
+
+
+def one_error_line(returncode: int, stderr: str, *fragments: str) -> str:
+    """Exit 1; stderr is exactly `error: ...` plus the debug hint; the error names `fragments`."""
+    assert returncode == 1, (returncode, stderr[-3000:])
+    assert "Traceback" not in stderr, stderr[-3000:]
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 2 and lines[1] == HINT, lines
+    assert lines[0].startswith("error: "), lines
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]
+
+
+def assert_session_gone(pgid: int, grace_s: float = 10.0) -> None:
+    """Every process of a command's session (e.g. a pool worker, torchrun) has exited."""
+    deadline = time.monotonic() + grace_s
+    while True:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        if time.monotonic() > deadline:
+            os.killpg(pgid, signal.SIGKILL)
+            pytest.fail(f"processes of session {pgid} were still running {grace_s}s after it ended")
+        time.sleep(0.05)
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """A script of benchmarks/ as a module (its helpers write synthetic checkpoints)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
