@@ -8,12 +8,15 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
-from reshard.errors import CheckpointError
+from reshard.errors import CheckpointError, ReshardError
 from reshard.layout import Layout
 from reshard.manifest import Manifest, load_manifest
 from reshard.placements import Selection, local_selection, selection_shape
@@ -38,8 +41,10 @@ class ShardedCheckpoint:
                 f"rank {rank} out of range: layout {self.layout.name} has {self.layout.world_size} ranks"
             )
         path = self.directory / self.manifest.ranks[rank].file  # schema: a plain file name
-        if path.is_symlink() and path.resolve().parent != self.directory.resolve():
-            raise CheckpointError(f"{path}: a symlink to {path.resolve()}, outside the checkpoint")
+        # realpath, unlike Path.resolve, does not raise on a symlink loop (is_file is then False).
+        real = Path(os.path.realpath(path))
+        if real.parent != Path(os.path.realpath(self.directory)):
+            raise CheckpointError(f"{path}: a symlink to {real}, outside the checkpoint")
         return path
 
     def selection(self, name: str, rank: int) -> Selection:
@@ -49,14 +54,20 @@ class ShardedCheckpoint:
         return local_selection(p.shape, p.placements, self.layout.mesh_shape, coords, what=name)
 
     def check_rank_file(self, rank: int, *, hash: bool = True) -> None:
-        """Raise CheckpointError unless rank `rank`'s file exists, has the manifest's size and hash."""
+        """Raise CheckpointError unless rank `rank`'s file exists, has the manifest's size and
+        sha256 (skipped with `hash=False`), and its own header names this rank and layout and
+        holds exactly the manifest's tensors with their dtypes and local shapes."""
         path, entry = self.rank_path(rank), self.manifest.ranks[rank]  # range-checked first
         if not path.is_file():
-            raise CheckpointError(f"{path}: rank file missing")
-        if path.stat().st_size != entry.bytes:
-            raise CheckpointError(
-                f"{path}: {path.stat().st_size} bytes, manifest says {entry.bytes} (truncated?)"
-            )
+            what = "rank file missing"
+            if path.exists():
+                what = "not a regular file"
+            elif path.is_symlink():
+                what = "a symlink that leads nowhere (dangling, or a loop)"
+            raise CheckpointError(f"{path}: {what}")
+        size = path.stat().st_size
+        if size != entry.bytes:
+            raise CheckpointError(f"{path}: {size} bytes, manifest says {entry.bytes} (truncated?)")
         if hash and sha256_file(path) != entry.sha256:
             raise CheckpointError(
                 f"{path}: sha256 does not match the manifest (corrupt or replaced file)"
@@ -90,7 +101,25 @@ class ShardedCheckpoint:
     def load_rank(
         self, rank: int, *, device: str | torch.device = "cpu", verify: bool = True
     ) -> dict[str, torch.Tensor]:
-        """All local tensors of `rank`, checked against the manifest (hash, rank, names, shapes, dtypes)."""
+        """All local tensors of `rank`, checked against the manifest (hash, rank, names, shapes, dtypes).
+
+        `verify=False` skips only the sha256; the file's own header is always checked.
+        """
         self.check_rank_file(rank, hash=verify)
-        with safe_open(str(self.rank_path(rank)), framework="pt", device=str(device)) as f:
+        with self.open_rank(rank, device=device) as f:
             return {name: f.get_tensor(name) for name in self.params}
+
+    @contextmanager
+    def open_rank(self, rank: int, *, device: str | torch.device = "cpu") -> Iterator:
+        """`safe_open` on rank `rank`'s file, its errors as one CheckpointError naming the file.
+
+        Does not check the file; call `check_rank_file` first.
+        """
+        path = self.rank_path(rank)
+        try:
+            with safe_open(str(path), framework="pt", device=str(device)) as f:
+                yield f
+        except ReshardError:
+            raise
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{path}: cannot read ({str(e)[:200]})") from e

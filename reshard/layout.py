@@ -38,6 +38,8 @@ class Layout:
                 f"layout {text!r} does not parse: expected [dp<N>][ep<N>][tp<N>][-sp][-tp2ep], "
                 "e.g. tp4, ep8, ep4tp4, tp4-tp2ep, tp2-sp"
             )
+        if re.search(r"\d{7}", text):  # a mesh dim of a million ranks is a typo, not a layout
+            raise LayoutError(f"layout {text[:40]!r}: a mesh dim size has too many digits")
         head, *flags = text.split("-")
         dims = [(name, int(size)) for name, size in re.findall(r"(dp|ep|tp)(\d+)", head)]
         names = [name for name, _ in dims]

@@ -23,7 +23,7 @@ from typing import Any
 from reshard.converters.lazy import CAST_DTYPES, DTYPE_NAMES, SAFETENSORS_DTYPES
 from reshard.errors import CheckpointError, ReshardError
 from reshard.layout import Layout
-from reshard.placements import normalize, parse_placement
+from reshard.placements import Placement, StridedShard, normalize, parse_placement
 from reshard.plan import ParamPlan, check_divisible
 
 FORMAT_VERSION = 2
@@ -96,6 +96,15 @@ def param_plan_from_json(name: str, entry: dict) -> ParamPlan:
 
 # --- the schema ----------------------------------------------------------------------------------
 
+MAX_MANIFEST_BYTES = 256 * 2**20  # a 1T-parameter model's manifest is a few MB
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+# Sizes and counts must be exact in any JSON reader (I-JSON, RFC 7493); the shard math relies
+# on it too (a dim of 10**30 split in two came out as two different local shapes).
+MAX_JSON_INT = 2**53 - 1
+_REQUIRED = {"format_version", "layout", "mesh", "dtype", "source", "model_type", "config"}
+_PARAM_FIELDS = {"shape", "dtype", "styles", "placements"}
+_RANK_FIELDS = {"rank", "coords", "file", "bytes", "sha256"}
+
 
 class _Invalid(Exception):
     """One schema violation: where (a JSON path) and what."""
@@ -104,15 +113,29 @@ class _Invalid(Exception):
         super().__init__(f"{where}: {what}")
 
 
+def _show(value: Any, limit: int = 60) -> str:
+    """`value` for an error message: one line (control characters escaped), at most `limit` chars."""
+    text = repr(value) if isinstance(value, str) else json.dumps(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _expect(value: Any, kind: type | tuple[type, ...], where: str) -> Any:
-    ok = _is_int(value) if kind is int else isinstance(value, kind)
-    if not ok:
-        name = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-        raise _Invalid(where, f"expected {name}, got {json.dumps(value)[:60]}")
+def _is_count(value: Any, least: int = 0) -> bool:
+    return _is_int(value) and least <= value <= MAX_JSON_INT
+
+
+def _expect(value: Any, kind: type, where: str) -> Any:
+    if not (_is_int(value) if kind is int else isinstance(value, kind)):
+        raise _Invalid(where, f"expected {kind.__name__}, got {_show(value)}")
+    return value
+
+
+def _expect_strings(value: Any, where: str) -> list[str]:
+    if not all(isinstance(s, str) for s in _expect(value, list, where)):
+        raise _Invalid(where, "expected a list of strings")
     return value
 
 
@@ -121,21 +144,82 @@ def _expect_keys(obj: dict, required: set[str], optional: set[str], where: str) 
     if missing:
         raise _Invalid(where, f"missing {', '.join(missing)}")
     if unknown:
-        raise _Invalid(where, f"unknown field {', '.join(unknown)}")
+        raise _Invalid(where, f"unknown field {', '.join(_show(k, 40) for k in unknown[:3])}")
 
 
-def _check_param(name: str, entry: Any, layout: Layout) -> None:
-    where = f"params[{json.dumps(name)}]"
-    _expect(entry, dict, where)
-    _expect_keys(entry, {"shape", "dtype", "styles", "placements"}, {"head_repeat"}, where)
+def _expect_equal(value: Any, expected: Any, where: str, what: str) -> None:
+    """Exactly `expected`, as JSON: same keys in the same order, ints not floats or booleans."""
+    if json.dumps(value) != json.dumps(expected):
+        raise _Invalid(where, f"{_show(value)} is not {what} {json.dumps(expected)}")
+
+
+def _check_version(version: Any) -> None:
+    if _is_int(version) and version == FORMAT_VERSION:
+        return
+    if _is_int(version) and version > FORMAT_VERSION:
+        raise _Invalid(
+            "format_version",
+            f"{version} is newer than this reshard reads ({FORMAT_VERSION}); upgrade reshard",
+        )
+    raise _Invalid(
+        "format_version",
+        f"{_show(version, 20)} is an old or unknown format (this reshard reads {FORMAT_VERSION}); "
+        "re-run `reshard convert` to rewrite this checkpoint",
+    )
+
+
+def _check_layout(text: Any) -> Layout:
+    try:
+        layout = Layout.parse(_expect(text, str, "layout"))
+    except ValueError as e:  # LayoutError, or int() of a 5000-digit dim size
+        raise _Invalid("layout", f"{_show(text)} does not parse ({str(e)[:100]})") from None
+    if text != layout.name:  # convert writes the canonical name; rank file headers carry it too
+        raise _Invalid(
+            "layout", f"{_show(text)} is not in canonical form (reshard writes {layout.name!r})"
+        )
+    return layout
+
+
+def _check_placement(text: Any, ndim: int, where: str) -> Placement:
+    """One placement, as `str(placement)` writes it, resolved against a tensor of `ndim` dims."""
+    try:
+        placement = parse_placement(_expect(text, str, where))
+    except ValueError:  # unknown form, or int() of a 5000-digit dim
+        placement = None
+    if placement is None or str(placement) != text:
+        raise _Invalid(
+            where,
+            f"{_show(text)} is not a placement "
+            "(Replicate(), Shard(d) or _StridedShard(d, split_factor=k))",
+        )
+    if isinstance(placement, StridedShard) and placement.split_factor < 1:
+        raise _Invalid(where, f"{text}: split_factor must be at least 1")
+    try:
+        return normalize(placement, ndim)
+    except ValueError as e:
+        raise _Invalid(where, str(e)) from None
+
+
+def _check_param(name: str, entry: Any, layout: Layout, cast_to: str | None) -> None:
+    """One params entry: types, a dtype safetensors knows (and the --dtype cast, if any), one
+    placement per mesh dim that fits the shape and divides it evenly on this layout."""
+    where = f"params[{json.dumps(name)[:120]}]"  # json.dumps escapes: always one line
+    if not name or not name.isprintable():
+        raise _Invalid(where, "a parameter name must be non-empty and printable")
+    _expect_keys(_expect(entry, dict, where), _PARAM_FIELDS, {"head_repeat"}, where)
     shape = _expect(entry["shape"], list, f"{where}.shape")
-    if not all(_is_int(s) and s >= 0 for s in shape):
-        raise _Invalid(f"{where}.shape", f"{shape} is not a list of non-negative ints")
-    if not isinstance(entry["dtype"], str) or entry["dtype"] not in SAFETENSORS_DTYPES:
-        raise _Invalid(f"{where}.dtype", f"{json.dumps(entry['dtype'])[:40]} is not a known dtype")
-    styles = _expect(entry["styles"], list, f"{where}.styles")
-    if not all(isinstance(s, str) for s in styles):
-        raise _Invalid(f"{where}.styles", "expected a list of strings")
+    if not all(_is_count(s) for s in shape):
+        raise _Invalid(f"{where}.shape", f"{_show(shape)} is not a list of ints in [0, 2**53)")
+    dtype = entry["dtype"]
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
+        raise _Invalid(f"{where}.dtype", f"{_show(dtype, 40)} is not a known dtype")
+    # convert casts every float tensor to --dtype, and verify --against redoes that from this
+    # record: a float of another dtype means the record is wrong.
+    if cast_to and SAFETENSORS_DTYPES[dtype].is_floating_point and dtype != cast_to:
+        raise _Invalid(
+            f"{where}.dtype", f"{dtype}, but the manifest's dtype says every float is {cast_to}"
+        )
+    styles = _expect_strings(entry["styles"], f"{where}.styles")
     placements = _expect(entry["placements"], list, f"{where}.placements")
     if len(placements) != len(layout.mesh_dim_names):
         raise _Invalid(
@@ -143,94 +227,94 @@ def _check_param(name: str, entry: Any, layout: Layout) -> None:
             f"{len(placements)} entries for layout {layout.name}'s "
             f"{len(layout.mesh_dim_names)} mesh dims {list(layout.mesh_dim_names)}",
         )
-    parsed = []
-    for i, text in enumerate(placements):
-        try:
-            parsed.append(normalize(parse_placement(_expect(text, str, "")), len(shape)))
-        except (ValueError, _Invalid) as e:
-            raise _Invalid(f"{where}.placements[{i}]", f"{str(e).lstrip(': ')}") from None
+    parsed = tuple(
+        _check_placement(text, len(shape), f"{where}.placements[{i}]")
+        for i, text in enumerate(placements)
+    )
     head_repeat = entry.get("head_repeat", 1)
-    if not _is_int(head_repeat) or head_repeat < 1:
-        raise _Invalid(f"{where}.head_repeat", f"{head_repeat!r} is not a positive int")
+    if not _is_count(head_repeat, least=1):
+        raise _Invalid(f"{where}.head_repeat", f"{_show(head_repeat)} is not a positive int")
     plan = ParamPlan(
         name=name,
         shape=tuple(shape),
-        dtype=SAFETENSORS_DTYPES[entry["dtype"]],
+        dtype=SAFETENSORS_DTYPES[dtype],
         styles=tuple(styles),
-        placements=tuple(parsed),
+        placements=parsed,
         head_repeat=head_repeat,
     )
     try:
-        check_divisible(plan, layout)  # every rank's local shape is then well defined
+        # Even shards on every mesh dim: then every rank's selection (the strided-shard math
+        # included) is well defined and all ranks hold the same local shape.
+        check_divisible(plan, layout)
     except ReshardError as e:
         raise _Invalid(f"{where}.placements", str(e)) from None
 
 
 def _check_rank(i: int, entry: Any, layout: Layout) -> RankEntry:
+    """ranks[i] is rank i: its coordinates on the layout's mesh and its exact file name."""
     where = f"ranks[{i}]"
-    _expect(entry, dict, where)
-    _expect_keys(entry, {"rank", "coords", "file", "bytes", "sha256"}, set(), where)
-    if entry["rank"] != i or not _is_int(entry["rank"]):
-        raise _Invalid(f"{where}.rank", f"is {json.dumps(entry['rank'])[:20]}, must be {i}")
-    if entry["coords"] != layout.coords(i):
-        raise _Invalid(
-            f"{where}.coords", f"{entry['coords']} are not rank {i}'s {layout.coords(i)}"
-        )
+    _expect_keys(_expect(entry, dict, where), _RANK_FIELDS, set(), where)
+    if not _is_int(entry["rank"]) or entry["rank"] != i:
+        raise _Invalid(f"{where}.rank", f"is {_show(entry['rank'], 20)}, must be {i}")
+    _expect_equal(entry["coords"], layout.coords(i), f"{where}.coords", f"rank {i}'s coordinates")
     name = rank_file_name(i, layout.world_size)
     if entry["file"] != name:
-        raise _Invalid(f"{where}.file", f"{json.dumps(entry['file'])[:80]} must be {name!r}")
-    if not _is_int(entry["bytes"]) or entry["bytes"] < 0:
-        raise _Invalid(f"{where}.bytes", f"{entry['bytes']!r} is not a byte count")
-    if not isinstance(entry["sha256"], str) or not re.fullmatch(r"[0-9a-f]{64}", entry["sha256"]):
-        raise _Invalid(f"{where}.sha256", "is not 64 lowercase hex digits")
+        raise _Invalid(f"{where}.file", f"{_show(entry['file'], 80)} must be {name!r}")
+    if not _is_count(entry["bytes"]):
+        raise _Invalid(f"{where}.bytes", f"{_show(entry['bytes'])} is not a byte count")
+    if not isinstance(entry["sha256"], str) or not _SHA256.fullmatch(entry["sha256"]):
+        raise _Invalid(
+            f"{where}.sha256", f"{_show(entry['sha256'])} is not 64 lowercase hex digits"
+        )
     return RankEntry(**entry)
 
 
 def manifest_from_json(data: Any) -> Manifest:
     """Check `data` (a parsed reshard.json) against the schema; raise _Invalid naming the field."""
     _expect(data, dict, "the manifest")
-    version = data.get("format_version")
-    if version != FORMAT_VERSION:
-        raise _Invalid(
-            "format_version",
-            f"{json.dumps(version)[:20]} is not supported (expected {FORMAT_VERSION}); "
-            "re-run `reshard convert` to rewrite this checkpoint",
-        )
-    required = {"format_version", "layout", "mesh", "dtype", "source", "model_type", "config"}
-    _expect_keys(data, required | {"params", "ranks"}, {"notes"}, "the manifest")
-    try:
-        layout = Layout.parse(_expect(data["layout"], str, "layout"))
-    except ReshardError as e:
-        raise _Invalid("layout", str(e)) from None
-    if data["mesh"] != dict(layout.dims):
-        raise _Invalid("mesh", f"{data['mesh']} is not layout {layout.name}'s {dict(layout.dims)}")
+    if "format_version" in data:  # first: an old manifest lacks newer fields
+        _check_version(data["format_version"])
+    _expect_keys(data, _REQUIRED | {"params", "ranks"}, {"notes"}, "the manifest")
+    layout = _check_layout(data["layout"])
+    _expect_equal(data["mesh"], dict(layout.dims), "mesh", f"layout {layout.name}'s mesh")
     if not isinstance(data["dtype"], str) or data["dtype"] not in CAST_DTYPES:
-        raise _Invalid(
-            "dtype", f"{json.dumps(data['dtype'])[:40]} is not one of {list(CAST_DTYPES)}"
-        )
+        raise _Invalid("dtype", f"{_show(data['dtype'], 40)} is not one of {list(CAST_DTYPES)}")
+    cast_to = CAST_DTYPES[data["dtype"]]
     for key, kind in (("source", dict), ("model_type", str), ("config", dict)):
         _expect(data[key], kind, key)
-    notes = _expect(data.get("notes", []), list, "notes")
-    if not all(isinstance(n, str) for n in notes):
-        raise _Invalid("notes", "expected a list of strings")
+    notes = _expect_strings(data.get("notes", []), "notes")
     for name, entry in _expect(data["params"], dict, "params").items():
-        _check_param(name, entry, layout)
+        _check_param(name, entry, layout, cast_to and DTYPE_NAMES[cast_to])
     ranks = _expect(data["ranks"], list, "ranks")
     if len(ranks) != layout.world_size:
         raise _Invalid(
             "ranks", f"{len(ranks)} entries, layout {layout.name} has {layout.world_size}"
         )
     return Manifest(
-        **{k: data[k] for k in required - {"format_version"}},
+        **{k: data[k] for k in _REQUIRED - {"format_version"}},
         params=data["params"],
         ranks=[_check_rank(i, entry, layout) for i, entry in enumerate(ranks)],
         notes=notes,
     )
 
 
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
+    """json.loads keeps the last of two equal keys; a reader that kept the first would disagree."""
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise _Invalid("the manifest", f"names {_show(key, 40)} twice in one object")
+        out[key] = value
+    return out
+
+
 def load_manifest(directory: str | Path) -> Manifest:
-    """Read and check `reshard.json`; raise CheckpointError when the directory is not a finished,
-    well-formed checkpoint."""
+    """Read and check `reshard.json`; raise CheckpointError, one line naming the field, unless
+    `directory` is a finished, well-formed checkpoint.
+
+    >>> load_manifest("tiny-ep2tp2").ranks[1].file
+    'rank-00001-of-00004.safetensors'
+    """
     path = Path(directory) / MANIFEST
     if not Path(directory).is_dir():
         raise CheckpointError(f"{directory}: no such directory")
@@ -240,12 +324,23 @@ def load_manifest(directory: str | Path) -> Manifest:
             "was `reshard convert` interrupted?)"
         )
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        raise CheckpointError(f"{path}: not a valid manifest ({e})") from e
+        with open(path, "rb") as f:
+            raw = f.read(MAX_MANIFEST_BYTES + 1)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from e
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise CheckpointError(
+            f"{path}: over {MAX_MANIFEST_BYTES:,} bytes, larger than any manifest (not a {MANIFEST}?)"
+        )
+    try:
+        data = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
+    except ValueError as e:  # UnicodeDecodeError, JSONDecodeError, an int of 5000 digits
+        raise CheckpointError(f"{path}: not valid JSON ({str(e)[:120]})") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: nested too deeply to be a manifest") from None
+    except _Invalid as e:
+        raise CheckpointError(f"{path}: {e}") from None
     try:
         return manifest_from_json(data)
     except _Invalid as e:
         raise CheckpointError(f"{path}: {e}") from None
-    except RecursionError:
-        raise CheckpointError(f"{path}: nested too deeply to be a manifest") from None

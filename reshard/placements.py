@@ -18,7 +18,6 @@ the part of the tensor is their product (`Selection`).
 from __future__ import annotations
 
 import itertools
-import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -125,7 +124,7 @@ def split_ranges(
     """Rank r's part (of n) of one tensor dim under `placement`."""
     size = _length(ranges)
     if isinstance(placement, Shard):
-        chunk = math.ceil(size / n) if size else 0
+        chunk = -(-size // n)  # ceil in integers: exact for any size
         return _take(ranges, min(size, r * chunk), min(size, (r + 1) * chunk))
     if isinstance(placement, StridedShard):
         k = placement.split_factor

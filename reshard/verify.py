@@ -6,10 +6,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from safetensors import safe_open
 
 from reshard.checkpoint import ShardedCheckpoint
-from reshard.errors import CheckpointError
+from reshard.errors import ReshardError
 from reshard.placements import Selection, boxes
 
 
@@ -43,12 +42,17 @@ def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def check_files(ckpt: ShardedCheckpoint) -> Iterator[Finding]:
+    """One finding per rank file: size, sha256 and its own header against the manifest.
+
+    Only the tool's own errors are findings; anything else is a bug and propagates.
+    """
     for rank in range(ckpt.layout.world_size):
         try:
             ckpt.check_rank_file(rank)
-            yield Finding(True, f"{ckpt.rank_path(rank).name}: sha256 ok")
-        except CheckpointError as e:
+        except ReshardError as e:
             yield Finding(False, str(e))
+        else:
+            yield Finding(True, f"{ckpt.rank_path(rank).name}: sha256 ok")
 
 
 def check_against(ckpt: ShardedCheckpoint, plan) -> Iterator[Finding]:
@@ -67,7 +71,7 @@ def check_against(ckpt: ShardedCheckpoint, plan) -> Iterator[Finding]:
         replicas_agree = True
         for rank in range(world):
             # Opened per tensor so mapped pages of the rank files are released as we go.
-            with safe_open(str(ckpt.rank_path(rank)), framework="pt") as f:
+            with ckpt.open_rank(rank) as f:
                 local = f.get_tensor(name)
             replicas_agree &= _place(full, seen, local, ckpt.selection(name, rank))
         expected = plan.targets[name].materialize()

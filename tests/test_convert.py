@@ -237,7 +237,7 @@ def test_dtype_bf16(tmp_path, hf_params):
     check_rank_files(out, hf_params, dtype=torch.bfloat16)
     run("verify", out, "--against", "tiny:qwen3_moe")
     # verify --against converts the source with the recorded --dtype, it does not guess it
-    (out / "reshard.json").write_text(json.dumps(dict(m, dtype="fp16")))
+    (out / "reshard.json").write_text(json.dumps(dict(m, dtype="keep")))
     result = run("verify", out, "--against", "tiny:qwen3_moe", ok=False)
     assert result.exit_code == 1
     assert "reassembled tensor differs from the source" in result.output

@@ -1,5 +1,5 @@
-"""Fuzzing the readers of untrusted bytes: safetensors headers (sources and rank files) and
-`reshard.json`. Thousands of mutated inputs; only the tool's own error may escape, never
+"""Fuzzing the readers of untrusted safetensors headers (sources and rank files); manifests are
+fuzzed in test_fuzz_manifest.py. Thousands of mutated inputs; only the tool's own error may escape, never
 another exception and never a hang, and whatever is accepted is really usable.
 
 Oracle for headers: safetensors' own `safe_open`, which must accept every file we accept
@@ -21,9 +21,7 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from reshard.checkpoint import ShardedCheckpoint
-from reshard.errors import CheckpointError, SourceError
-from reshard.manifest import load_manifest
+from reshard.errors import SourceError
 from reshard.safetensors_header import read_header
 from reshard.sources import open_source
 
@@ -156,91 +154,3 @@ def test_open_source_fuzz(source_copy, data):
             pass
     finally:
         target.write_bytes(original)
-
-
-# --- manifests ---------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def manifest_dir(convert_tiny, tmp_path_factory) -> Path:
-    return Path(shutil.copytree(convert_tiny("ep2tp2"), tmp_path_factory.mktemp("fuzz-m") / "m"))
-
-
-def _paths(node, prefix=()):
-    """Every JSON path in `node` (to dicts' values and lists' items)."""
-    yield prefix
-    if isinstance(node, dict):
-        for k, v in node.items():
-            yield from _paths(v, (*prefix, k))
-    elif isinstance(node, list):
-        for i, v in enumerate(node):
-            yield from _paths(v, (*prefix, i))
-
-
-manifest_leaf = st.one_of(
-    json_leaf,
-    st.sampled_from(
-        [
-            "Shard(0)",
-            "Shard(-1)",
-            "Shard(9)",
-            "Replicate()",
-            "_StridedShard(1, split_factor=2)",
-            "_StridedShard(1, split_factor=0)",
-            "Shard(zero)",
-            "ep2tp2",
-            "tp4",
-            "dp0",
-            "F32",
-            "U16",
-            "../x.safetensors",
-            "rank-00001-of-00004.safetensors",
-            "0" * 64,
-        ]
-    ),
-)
-
-
-@settings(FUZZ, max_examples=1500)
-@given(data=st.data())
-def test_manifest_fuzz(manifest_dir, data):
-    path = manifest_dir / "reshard.json"
-    original = path.read_text()
-    m = json.loads(original)
-    for _ in range(data.draw(st.integers(1, 3))):
-        where = data.draw(st.sampled_from(list(_paths(m))))
-        action = data.draw(st.sampled_from(["replace", "delete", "swap_ranks"]))
-        if action == "swap_ranks" and isinstance(m, dict) and isinstance(m.get("ranks"), list):
-            ranks = m["ranks"]
-            if len(ranks) > 1:
-                i, j = (
-                    data.draw(st.integers(0, len(ranks) - 1)),
-                    data.draw(st.integers(0, len(ranks) - 1)),
-                )
-                ranks[i], ranks[j] = ranks[j], ranks[i]
-            continue
-        value = data.draw(st.one_of(manifest_leaf, json_value))
-        if not where:
-            m = value
-            continue
-        parent = m
-        for key in where[:-1]:
-            parent = parent[key]
-        if action == "delete" and isinstance(parent, dict):
-            del parent[where[-1]]
-        elif action == "delete" and isinstance(parent, list):
-            parent.pop(where[-1])
-        else:
-            parent[where[-1]] = value
-    try:
-        path.write_text(json.dumps(m))
-        try:
-            load_manifest(manifest_dir)
-            ckpt = ShardedCheckpoint(manifest_dir)
-        except CheckpointError:
-            return
-        for rank in range(ckpt.layout.world_size):  # accepted: every rank's selection works
-            for name in ckpt.params:
-                ckpt.selection(name, rank)
-    finally:
-        path.write_text(original)
