@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import difflib
+
 from reshard.converters.ops import (
     Chunk,
     Concatenate,
@@ -46,7 +48,9 @@ def get_spec(model_type: str) -> ModelSpec:
     """The spec for a config's `model_type`; raise ConversionError naming the known ones."""
     specs = _registry()
     if model_type not in specs:
+        nearest = difflib.get_close_matches(model_type, specs, n=1, cutoff=0.5)
+        hint = f" (nearest: {nearest[0]})" if nearest else ""
         raise ConversionError(
-            f"model_type {model_type!r} is not supported; supported: {', '.join(sorted(specs))}"
+            f"model_type {model_type!r} is not supported{hint}; supported: {', '.join(sorted(specs))}"
         )
     return specs[model_type]

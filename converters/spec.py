@@ -33,6 +33,26 @@ from reshard.converters.lazy import LazyTensor
 from reshard.converters.ops import ConversionOp
 from reshard.errors import ConversionError
 
+# Tensors of checkpoint formats reshard does not convert yet, named for what they are, so a
+# user learns "FP8" rather than "source keys no converter maps".
+UNSUPPORTED_TENSORS = {
+    "*.weight_scale_inv": "FP8 block-scaled weights (weight_scale_inv) are not supported yet",
+    "*.weight_scale": "quantized weights with per-tensor scales (weight_scale) are not supported yet",
+    "*.input_scale": "FP8 activation scales (input_scale) are not supported yet",
+    "*_blocks": "MXFP4 weights (*_blocks, *_scales) are not supported yet",
+    "*.qweight": "GPTQ/AWQ quantized weights (qweight) are not supported yet",
+}
+
+
+def check_supported(keys: list[str], model_type: str) -> None:
+    """Refuse tensors of a format reshard cannot convert, naming the format and the keys."""
+    for glob, what in UNSUPPORTED_TENSORS.items():
+        hits = [k for k in keys if fnmatch.fnmatchcase(k, glob)]
+        if hits:
+            raise ConversionError(
+                f"{model_type}: {what}; convert from the bf16 release instead ({_listing(hits, 2)})"
+            )
+
 
 def _listing(keys: list[str], limit: int = 8) -> str:
     keys = sorted(keys)
@@ -234,6 +254,7 @@ class ModelSpec:
 
     def to_targets(self, sources: Mapping[str, LazyTensor], config: dict) -> dict[str, LazyTensor]:
         """Source tensors (HF names) -> target tensors (parameter names), checked for totality."""
+        check_supported(list(sources), self.model_type)
         tensors = dict(sources)
         for renaming in self.renamings:
             tensors = {renaming.apply(k): v for k, v in tensors.items()}
