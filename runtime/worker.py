@@ -152,23 +152,25 @@ def validate(
         "logits": (logits_BTV.detach().cpu() - ref_logits).abs().max().item(),
         "loss": (loss.detach().cpu() - ref_loss).abs().item(),
     }
-    worst, worst_name = 0.0, ""
-    for name, param in pm.model.named_parameters():
+    worst, worst_index = 0.0, 0
+    names = [name for name, _ in pm.model.named_parameters()]  # the same order on every rank
+    for index, (name, param) in enumerate(pm.model.named_parameters()):
         p = ckpt.params[name]
         original = (p.shape[0] // p.head_repeat, *p.shape[1:])
         expected = ref(GRAD + name, original, p.head_repeat, ckpt.selection(name, rank))
         got = param.grad.detach().cpu() if param.grad is not None else torch.zeros_like(expected)
         d = (got.float() - expected).abs().max().item() if got.numel() else 0.0
         if d >= worst:
-            worst, worst_name = d, name
+            worst, worst_index = d, index
     diffs["grad"] = worst
+    # Plain tensors, not all_gather_object: that pickles through numpy, which a base install lacks.
     row = torch.tensor(
-        [diffs["logits"], diffs["loss"], diffs["grad"]], dtype=torch.float64, device=device
+        [diffs["logits"], diffs["loss"], diffs["grad"], worst_index],
+        dtype=torch.float64,
+        device=device,
     )
     rows = [torch.zeros_like(row) for _ in range(dist.get_world_size())]
     dist.all_gather(rows, row)
-    names = [None] * dist.get_world_size()
-    dist.all_gather_object(names, worst_name)
     if rank == 0:
         table = torch.stack(rows).cpu()
         result = {
@@ -178,7 +180,7 @@ def validate(
             "max_abs_diff": {
                 k: table[:, i].max().item() for i, k in enumerate(("logits", "loss", "grad"))
             },
-            "worst_grad": names[int(table[:, 2].argmax())],
+            "worst_grad": names[int(table[int(table[:, 2].argmax()), 3])],
             "params_checked": len(ckpt.params),
             # Routed (token, expert) pairs per expert, all-reduced over the EP group; per MoE layer.
             "tokens_per_expert": [h.tokens_per_expert.tolist() for h in pm.moe_hooks],
