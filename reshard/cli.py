@@ -544,10 +544,22 @@ def quickstart(ctx, layout: str, out: Path, prompt: str) -> None:
     )
 
 
+_stop_signal: int | None = None  # set once SIGINT or SIGTERM arrives
+
+
+def _on_stop_signal(signum: int, frame: object) -> None:
+    global _stop_signal
+    _stop_signal = signum
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    sys.exit(128 + signum)
+
+
 def main() -> None:
     """Entry point: every error becomes one line on stderr and exit code 1 (130 on Ctrl-C)."""
     # SIGTERM unwinds like Ctrl-C, so `finally` blocks remove temp files and stop workers.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    signal.signal(signal.SIGINT, _on_stop_signal)
+    signal.signal(signal.SIGTERM, _on_stop_signal)
     try:
         cli(standalone_mode=False)
     except click.exceptions.Abort:
@@ -559,6 +571,11 @@ def main() -> None:
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
     except Exception as e:
+        if _stop_signal is not None:
+            # A signal raised inside a C extension (safetensors, torch) can come out as some
+            # other exception: the user asked to stop, so this is the stop, not an error.
+            click.echo("aborted", err=True)
+            sys.exit(128 + _stop_signal)
         # Our own errors are the user's to fix; anything else is a bug of ours, still one line.
         if os.environ.get("RESHARD_DEBUG"):
             raise

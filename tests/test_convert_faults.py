@@ -192,6 +192,33 @@ def test_sigterm_exits_cleanly_without_temp_files(synthetic, tmp_path):
     assert not (out / "reshard.json").exists()
 
 
+# A signal that lands inside safetensors' or torch's C code can come back out as another
+# exception (seen in CI: a TypeError from safetensors' get_slice). It is still the stop.
+_SWALLOWED_SIGNAL = """
+import os, signal, click
+from reshard import cli
+
+@cli.cli.command("stop-inside-c")
+def stop_inside_c():
+    try:
+        os.kill(os.getpid(), signal.{name})
+    except BaseException:
+        raise TypeError("could not determine the shape of object type 'UntypedStorage'")
+
+cli.main()
+"""
+
+
+@pytest.mark.parametrize("name, code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_a_signal_swallowed_by_c_code_still_exits_as_the_signal(name, code):
+    script = _SWALLOWED_SIGNAL.format(name=name)
+    proc = subprocess.run(
+        [sys.executable, "-c", script, "stop-inside-c"], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == code, proc.stderr
+    assert [line for line in proc.stderr.splitlines() if line.strip()] == ["aborted"], proc.stderr
+
+
 def test_a_second_convert_into_the_same_out_is_refused(synthetic, tmp_path):
     out = tmp_path / "out"
     first = _start(_convert_cmd(synthetic, out))
