@@ -35,13 +35,20 @@ __all__ = [
     "WeightConverter",
     "WeightRenaming",
     "get_spec",
+    "supported_model_types",
 ]
 
 
 def _registry() -> dict[str, ModelSpec]:
-    from reshard.converters import qwen3_moe
+    from reshard.converters import glm4_moe, mixtral, olmoe, qwen2_moe, qwen3_moe
 
-    return {spec.model_type: spec for spec in (qwen3_moe.SPEC,)}
+    families = (qwen3_moe, qwen2_moe, mixtral, olmoe, glm4_moe)
+    return {family.SPEC.model_type: family.SPEC for family in families}
+
+
+def supported_model_types() -> list[str]:
+    """The config `model_type`s reshard converts and runs."""
+    return sorted(_registry())
 
 
 def get_spec(model_type: str) -> ModelSpec:

@@ -22,13 +22,11 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
+from reshard.architecture import ModelArgs, param_shapes
 from reshard.converters.lazy import LazyTensor
 from reshard.converters.ops import ConversionOp
 from reshard.errors import ConversionError
@@ -71,29 +69,6 @@ def _fill(pattern: str, indices: tuple[str, ...]) -> str:
     for index, part in zip(indices, parts[1:]):
         out += index + part
     return out
-
-
-@contextmanager
-def _skip_init() -> Iterator[None]:
-    """No-op the nn.init functions: on meta tensors they do nothing useful, yet cost
-    every rank a second or more (they import torch._dynamo)."""
-    names = [
-        "normal_",
-        "uniform_",
-        "kaiming_uniform_",
-        "trunc_normal_",
-        "zeros_",
-        "ones_",
-        "constant_",
-    ]
-    saved = {n: getattr(torch.nn.init, n) for n in names}
-    try:
-        for n in names:
-            setattr(torch.nn.init, n, lambda tensor, *args, **kwargs: tensor)
-        yield
-    finally:
-        for n, f in saved.items():
-            setattr(torch.nn.init, n, f)
 
 
 @dataclass(frozen=True)
@@ -218,32 +193,39 @@ class ModelSpec:
 
     Attributes:
         model_type: the `model_type` of the HF config this spec reads.
+        parse_config: config.json dict -> ModelArgs (validated; features the runtime lacks
+            are refused there). `reshard.architecture.param_shapes` of the result is the
+            table of target names and shapes: conversion builds no model.
         renamings / converters: source (HF) names -> target (transformers v5 parameter) names.
         ignore: globs of source keys dropped on purpose (e.g. rotary caches).
-        plan: glob on the target name -> parallel style(s) (see reshard.plan.STYLES).
-        kv_params: globs of k/v projections whose heads replicate when tp > kv heads.
-        model_args: config.json dict -> the runtime's ModelArgs (validated).
-        model: ModelArgs -> the runtime's single-device model; its `named_parameters()`
-            are the target names and shapes, so there is one copy of that knowledge.
+        plan: glob on the target name -> parallel style(s) (see reshard.plan).
+        kv_params: globs of k/v tensors whose heads replicate when tp > kv heads.
+        fit: what must divide what (`common.FitRule`), checked first, named in the error.
+        drop_layers_past_config: layers numbered past num_hidden_layers (multi-token
+            prediction heads) are dropped on purpose, as transformers drops them.
     """
 
     model_type: str
+    parse_config: Callable[[dict], ModelArgs]
     renamings: tuple[WeightRenaming, ...] = ()
     converters: tuple[WeightConverter, ...] = ()
-    ignore: tuple[str, ...] = ()
+    ignore: tuple[str, ...] = ("*.rotary_emb.inv_freq",)
     plan: Mapping[str, str | tuple[str, ...]] = field(default_factory=dict)
-    kv_params: tuple[str, ...] = ()
-    model_args: Callable[[dict], Any]
-    model: Callable[[Any], torch.nn.Module]
+    kv_params: tuple[str, ...] = ("*.self_attn.k_proj.*", "*.self_attn.v_proj.*")
+    fit: tuple[Any, ...] = ()
+    drop_layers_past_config: bool = False
 
-    def meta_model(self, config: dict) -> torch.nn.Module:
-        """The model with every parameter on the meta device: names and shapes, no memory."""
-        with torch.device("meta"), _skip_init():
-            return self.model(self.model_args(config))
+    def target_shapes(self, args: ModelArgs) -> dict[str, tuple[int, ...]]:
+        """Global shape of every model tensor, by target name, in model order."""
+        return param_shapes(args)
 
-    def target_shapes(self, config: dict) -> dict[str, tuple[int, ...]]:
-        """Global shape of every model parameter."""
-        return {name: tuple(p.shape) for name, p in self.meta_model(config).named_parameters()}
+    def _ignored(self, key: str, args: ModelArgs) -> bool:
+        if any(fnmatch.fnmatchcase(key, g) for g in self.ignore):
+            return True
+        if self.drop_layers_past_config:
+            m = re.match(r"model\.layers\.(\d+)\.", key)
+            return bool(m) and int(m[1]) >= args.num_layers
+        return False
 
     def styles_for(self, name: str) -> tuple[str, ...]:
         """The plan's styles for target parameter `name` (first matching glob wins)."""
@@ -252,14 +234,16 @@ class ModelSpec:
                 return (styles,) if isinstance(styles, str) else tuple(styles)
         raise ConversionError(f"{self.model_type}: no plan entry matches parameter {name}")
 
-    def to_targets(self, sources: Mapping[str, LazyTensor], config: dict) -> dict[str, LazyTensor]:
+    def to_targets(
+        self, sources: Mapping[str, LazyTensor], args: ModelArgs
+    ) -> dict[str, LazyTensor]:
         """Source tensors (HF names) -> target tensors (parameter names), checked for totality."""
         check_supported(list(sources), self.model_type)
-        tensors = dict(sources)
+        tensors = {k: v for k, v in sources.items() if not self._ignored(k, args)}
         for renaming in self.renamings:
             tensors = {renaming.apply(k): v for k, v in tensors.items()}
-        expected = self.target_shapes(config)
-        members = getattr(self.model_args(config), "num_experts", None)
+        expected = self.target_shapes(args)
+        members = args.num_experts or None
         targets, used = {}, set()
         for converter in self.converters:
             rest = {k: v for k, v in tensors.items() if k not in used}
@@ -267,17 +251,13 @@ class ModelSpec:
             targets.update(produced)
             used |= consumed
         for key, tensor in tensors.items():
-            if key in used or any(fnmatch.fnmatchcase(key, g) for g in self.ignore):
+            if key in used:
                 continue
             if key not in expected:
                 continue  # reported below as unmapped
             targets[key] = tensor
             used.add(key)
-        unmapped = [
-            k
-            for k in tensors
-            if k not in used and not any(fnmatch.fnmatchcase(k, g) for g in self.ignore)
-        ]
+        unmapped = [k for k in tensors if k not in used]
         if unmapped:
             raise ConversionError(
                 f"{self.model_type}: source keys no converter maps: {_listing(unmapped)}"

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from reshard.architecture import ModelArgs
 from reshard.converters import ModelSpec, get_spec
 from reshard.converters.lazy import CAST_DTYPES, Cast, LazyTensor, RepeatBlocks, read_selection
 from reshard.errors import LayoutError, OutputError, ReshardError, SourceError
@@ -70,7 +71,7 @@ class ConversionPlan:
     source: Source
     layout: Layout
     spec: ModelSpec
-    args: object
+    args: ModelArgs
     targets: dict[str, LazyTensor]
     params: dict[str, ParamPlan]
     dtype_name: str = "keep"
@@ -114,21 +115,20 @@ class ConversionPlan:
         return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def check_fit(args, layout: Layout) -> None:
+def check_fit(spec: ModelSpec, args: ModelArgs, layout: Layout) -> None:
     """Refuse a layout that does not divide the model, naming the config field and numbers."""
     tp = layout.size("tp")
-    checks = [
-        ("num_attention_heads", args.num_heads, "tp", tp),
-        ("vocab_size", args.vocab_size, "tp", tp),
-    ]
-    ep_label = " x ".join(layout.expert_dims) or "ep"
-    checks.append(("num_experts", args.num_experts, ep_label, layout.expert_parallel_size))
-    if not layout.tp2ep:
-        checks.append(("moe_intermediate_size", args.moe_intermediate_size, "tp", tp))
-    for field, value, label, n in checks:
+    groups = {
+        "tp": ("tp", tp),
+        "ep": (" x ".join(layout.expert_dims) or "ep", layout.expert_parallel_size),
+        "expert_tp": ("tp", 1 if layout.tp2ep else tp),
+    }
+    for rule in spec.fit:
+        value = getattr(args, rule.attr)
+        label, n = groups[rule.over]
         if value % n:
             raise LayoutError(
-                f"layout {layout.name}: {field} ({value}) is not divisible by {label} ({n})"
+                f"layout {layout.name}: {rule.field} ({value}) is not divisible by {label} ({n})"
             )
     kv = args.num_kv_heads
     if (tp > kv and tp % kv) or (tp <= kv and kv % tp):
@@ -137,17 +137,22 @@ def check_fit(args, layout: Layout) -> None:
         )
 
 
+def model_args(spec: ModelSpec, source: Source) -> ModelArgs:
+    """The source's config.json parsed by its family; a bad config is one line naming the file."""
+    try:
+        return spec.parse_config(source.config)
+    except (KeyError, ValueError, TypeError) as e:
+        raise SourceError(f"{source.path / 'config.json'}: {e}") from e
+
+
 def make_plan(source: Source, layout: Layout, dtype: str = "keep") -> ConversionPlan:
     """Validate and plan the conversion of `source` to `layout`; reads headers only."""
     if dtype not in CAST_DTYPES:
         raise ReshardError(f"--dtype {dtype!r}: choose one of {', '.join(CAST_DTYPES)}")
     spec = get_spec(source.model_type)
-    try:
-        args = spec.model_args(source.config)
-    except (KeyError, ValueError, TypeError) as e:
-        raise SourceError(f"{source.path / 'config.json'}: {e}") from e
-    check_fit(args, layout)
-    targets = spec.to_targets(source.tensors, source.config)
+    args = model_args(spec, source)
+    check_fit(spec, args, layout)
+    targets = spec.to_targets(source.tensors, args)
     tp, kv = layout.size("tp"), args.num_kv_heads
     params = {}
     for name, tensor in targets.items():

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from reshard.converters.lazy import SliceReader, SourceTensor
 from reshard.errors import SourceError
-from reshard.safetensors_header import read_header
+from reshard.safetensors_header import read_header, shown
 from reshard.writer import sha256_file
 
 # Files a sharded checkpoint carries along beside the rank files.
@@ -86,14 +86,17 @@ def _read_json(path: Path) -> dict:
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_NEVER_UNPICKLES = "reshard reads only safetensors and never unpickles"
+INDEX = "model.safetensors.index.json"
 
 
-def _inside(directory: Path, name: str, where: Path) -> Path:
-    """`directory / name`, refusing names that lead out of the directory."""
-    path = directory / name
+def _weight_file(directory: Path, name: str, where: Path) -> Path:
+    """`directory / name`, refusing names that lead out of the directory or name pickles."""
     if Path(name).is_absolute() or ".." in Path(name).parts:
         raise SourceError(f"{where}: names {name!r}, which is outside {directory}")
-    return path
+    if Path(name).suffix in PICKLE_SUFFIXES:
+        raise SourceError(f"{where}: names pickle weights {name!r}; {_NEVER_UNPICKLES}")
+    return directory / name
 
 
 def _index_map(index: Path) -> dict[str, str]:
@@ -103,32 +106,34 @@ def _index_map(index: Path) -> dict[str, str]:
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
     ):
         raise SourceError(f"{index}: weight_map must map tensor names to file names")
+    if not weight_map:
+        raise SourceError(f"{index}: weight_map lists no tensors")
     return weight_map
 
 
-def _weight_files(directory: Path) -> list[Path]:
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        names = sorted(set(_index_map(index).values()))
-        files = [_inside(directory, f, index) for f in names]
-        missing = [f.name for f in files if not f.is_file()]
-        if missing:
-            raise SourceError(f"{index}: names files that are missing: {', '.join(missing)}")
-        return files
-    files = sorted(directory.glob("*.safetensors"))
-    if not files:
-        pickles = sorted(
-            p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file()
-        )
-        if pickles:
-            raise SourceError(
-                f"{directory}: holds PyTorch pickle weights ({', '.join(pickles[:3])}); reshard reads "
-                "only safetensors and never unpickles (convert them to safetensors first)"
-            )
-        raise SourceError(
-            f"{directory}: no *.safetensors files (and no model.safetensors.index.json)"
-        )
+def _indexed_files(directory: Path, weight_map: dict[str, str]) -> list[Path]:
+    index = directory / INDEX
+    files = sorted({_weight_file(directory, name, index) for name in weight_map.values()})
+    missing = [shown(f.relative_to(directory)) for f in files if not f.is_file()]
+    if missing:
+        raise SourceError(f"{index}: names files that are missing: {', '.join(missing)}")
     return files
+
+
+def _safetensors_files(directory: Path) -> list[Path]:
+    files = sorted(directory.glob("*.safetensors"))
+    if files:
+        return files
+    # Listed by name only: a pickle can run code when loaded, so it is never opened.
+    pickles = sorted(
+        p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file()
+    )
+    if pickles:
+        raise SourceError(
+            f"{directory}: holds PyTorch pickle weights ({', '.join(map(shown, pickles[:3]))}); "
+            f"{_NEVER_UNPICKLES} (convert them to safetensors first)"
+        )
+    raise SourceError(f"{directory}: no *.safetensors files (and no {INDEX})")
 
 
 def _headers(files: list[Path], reader: SliceReader) -> dict[str, SourceTensor]:
@@ -136,28 +141,48 @@ def _headers(files: list[Path], reader: SliceReader) -> dict[str, SourceTensor]:
     for path in files:
         for name, info in read_header(path, error=SourceError).tensors.items():
             if name in tensors:
-                raise SourceError(f"tensor {name} is stored twice: {tensors[name].path} and {path}")
+                raise SourceError(
+                    f"tensor {shown(name)} is stored twice: {tensors[name].path} and {path}"
+                )
             tensors[name] = SourceTensor(
                 path=str(path), name=name, shape=info.shape, dtype=info.dtype, reader=reader
             )
     return tensors
 
 
-def _check_index(directory: Path, tensors: dict[str, SourceTensor]) -> None:
+def _check_index(index: Path, weight_map: dict[str, str], tensors: dict[str, SourceTensor]) -> None:
     """The index and the files must agree on where every tensor is."""
-    index = directory / "model.safetensors.index.json"
-    if not index.is_file():
-        return
-    for name, file in sorted(_index_map(index).items()):
+    for name, file in sorted(weight_map.items()):
         if name not in tensors:
-            raise SourceError(f"{index}: lists {name} in {file}, which does not hold it")
-        if Path(tensors[name].path).name != file:
             raise SourceError(
-                f"{index}: lists {name} in {file}, but it is in {Path(tensors[name].path).name}"
+                f"{index}: lists {shown(name)} in {shown(file)}, which does not hold it"
             )
-    unlisted = sorted(set(tensors) - set(_index_map(index)))
+        where = Path(tensors[name].path)
+        if where != index.parent / file:
+            raise SourceError(
+                f"{index}: lists {shown(name)} in {shown(file)}, "
+                f"but it is in {where.relative_to(index.parent)}"
+            )
+    unlisted = sorted(set(tensors) - set(weight_map))
     if unlisted:
-        raise SourceError(f"{index}: does not list {', '.join(unlisted[:3])}, stored in its files")
+        raise SourceError(
+            f"{index}: does not list {len(unlisted)} tensor(s) stored in its files: "
+            f"{', '.join(map(shown, unlisted[:3]))}{', ...' if len(unlisted) > 3 else ''}"
+        )
+
+
+def _open_weights(directory: Path) -> tuple[list[Path], dict[str, SourceTensor], SliceReader]:
+    """The weight files (the index's, else every *.safetensors) and their tensors, headers checked."""
+    reader = SliceReader()
+    index = directory / INDEX
+    if not index.is_file():
+        files = _safetensors_files(directory)
+        return files, _headers(files, reader), reader
+    weight_map = _index_map(index)
+    files = _indexed_files(directory, weight_map)
+    tensors = _headers(files, reader)
+    _check_index(index, weight_map, tensors)
+    return files, tensors, reader
 
 
 def _hub_snapshot(repo: str, revision: str | None) -> Path:
@@ -212,10 +237,7 @@ def open_source(text: str) -> Source:
     config = _read_json(path / "config.json")
     if not isinstance(config.get("model_type"), str):
         raise SourceError(f"{path / 'config.json'}: no model_type; which model is this?")
-    reader = SliceReader()
-    files = _weight_files(path)
-    tensors = _headers(files, reader)
-    _check_index(path, tensors)
+    files, tensors, reader = _open_weights(path)
     return Source(
         text=text,
         path=path,

@@ -96,11 +96,11 @@ def _weights(
 
     from reshard.converters import get_spec
     from reshard.converters.lazy import InMemoryTensor
-    from reshard.runtime.model import CausalLM, ModelArgs, causal_lm_loss
+    from reshard.runtime.model import CausalLM, causal_lm_loss
 
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = CausalLM(ModelArgs.from_hf_config(config))
+        model = CausalLM(get_spec("qwen3_moe").parse_config(config))
         ids = Tokenizer.from_str(tokenizer_json).encode(CORPUS).ids
         data = torch.tensor(ids)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)

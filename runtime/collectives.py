@@ -10,6 +10,7 @@ between two of those states, and its backward moves the gradient the other way:
 | --------------------- | ----------------------------- | ------------------- |
 | copy_to               | replicated -> used for partial| all-reduce (sum)    |
 | reduce_from           | partial -> replicated         | identity            |
+| sum_over              | partial -> used for partial   | all-reduce (sum)    |
 | split_to              | replicated -> my chunk        | all-gather          |
 | gather_from           | chunks -> replicated          | take my chunk       |
 | gather_for_partial    | chunks -> used for partial    | reduce-scatter      |
@@ -90,6 +91,17 @@ class _ReduceFrom(torch.autograd.Function):
         return grad, None
 
 
+class _SumOver(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _all_reduce(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_reduce(grad, ctx.group), None
+
+
 class _AlongDim(torch.autograd.Function):
     """A collective along tensor dim `dim` whose backward is another one (the table above)."""
 
@@ -129,6 +141,12 @@ def copy_to(x: torch.Tensor, group: Group) -> torch.Tensor:
 
 def reduce_from(x: torch.Tensor, group: Group) -> torch.Tensor:
     return x if group_size(group) == 1 else _ReduceFrom.apply(x, group)
+
+
+def sum_over(x: torch.Tensor, group: Group) -> torch.Tensor:
+    """A statistic summed over ranks that each go on to use it for their own part (the RMS of a
+    projection split over tp): every rank's use feeds every rank's share, so both ways sum."""
+    return x if group_size(group) == 1 else _SumOver.apply(x, group)
 
 
 def split_to(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:

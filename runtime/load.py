@@ -18,10 +18,12 @@ from pathlib import Path
 
 import torch
 
+from reshard.architecture import ModelArgs
 from reshard.checkpoint import ShardedCheckpoint
 from reshard.converters import get_spec
 from reshard.errors import CheckpointError
 from reshard.placements import Replicate, to_torch
+from reshard.runtime.model import meta_model
 from reshard.runtime.parallel import ParallelGroups, ParallelModel, parallelize
 
 
@@ -96,19 +98,28 @@ def load_parallel_model(
     ckpt: ShardedCheckpoint, rank: int, *, device: torch.device, dtype: torch.dtype | None = None
 ) -> ParallelModel:
     """Build the model on the meta device, wire it for the layout, and load this rank's shards."""
-    model = get_spec(ckpt.manifest.model_type).meta_model(ckpt.manifest.config)
+    model = meta_model(model_args(ckpt))
     state = ckpt.load_rank(rank, device=device)
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     _assign_local(model, state)
     head_repeat = max(p.head_repeat for p in ckpt.params.values())
     groups = ParallelGroups.create(ckpt.layout, rank, head_repeat)
-    return parallelize(model, ckpt.layout, groups, head_repeat)
+    return parallelize(model, ckpt.layout, groups, ckpt.params)
+
+
+def model_args(ckpt: ShardedCheckpoint) -> ModelArgs:
+    """The model's hyper-parameters, parsed from the manifest's config by its family."""
+    try:
+        return get_spec(ckpt.manifest.model_type).parse_config(ckpt.manifest.config)
+    except (KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{ckpt.directory / 'reshard.json'}: config: {e}") from e
 
 
 def _assign_local(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Replace every parameter by its local shard (load_state_dict refuses the smaller shapes)."""
-    names = {n for n, _ in model.named_parameters()}
+    """Replace every tensor by its local shard (load_state_dict refuses the smaller shapes)."""
+    params = {n for n, _ in model.named_parameters()}
+    names = params | {n for n, _ in model.named_buffers()}
     if names != set(state):
         missing, extra = sorted(names - set(state)), sorted(set(state) - names)
         raise CheckpointError(
@@ -116,6 +127,10 @@ def _assign_local(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> Non
         )
     for name, tensor in state.items():
         owner, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(owner), attr, torch.nn.Parameter(tensor))
-    if getattr(model, "args", None) is not None and model.args.tie_word_embeddings:
+        module = model.get_submodule(owner)
+        if name in params:
+            setattr(module, attr, torch.nn.Parameter(tensor))
+        else:
+            module.register_buffer(attr, tensor)
+    if model.args.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight

@@ -1,14 +1,18 @@
-"""A single-device Qwen3-MoE causal LM in plain PyTorch.
+"""A single-device MoE causal LM in plain PyTorch, built from `ModelArgs`.
 
 This file is the textbook model and nothing else: it imports nothing from
 ``torch.distributed``. How it is split across ranks lives beside it (the
 parallelize module swaps weights for local shards, shrinks the head counts on
-``Attention`` and wraps or replaces ``Experts``), in the style of gpt-fast's
+``Attention`` and wraps the routed experts), in the style of gpt-fast's
 ``model.py`` / ``tp.py``.
 
-Parameter names are exactly those of transformers' ``Qwen3MoeForCausalLM``, so
-its ``state_dict()`` loads here with ``strict=True`` and shards written under
-those names need no renaming.
+One set of blocks covers every family (see ``reshard.architecture``): attention
+with qk-norm per head or over the whole projection, qkv bias, q/k/v clipping and
+partial RoPE; MoE with a softmax or sigmoid router, router bias, group-limited
+top-k, routed scaling, shared experts with or without a gate, and dense layers.
+Parameter names are exactly transformers', and the model holds exactly
+``param_shapes(args)``, so a transformers ``state_dict()`` loads here with
+``strict=True``.
 
 Example:
     >>> args = ModelArgs(vocab_size=128, hidden_size=32, num_layers=2, num_heads=4,
@@ -22,154 +26,20 @@ Example:
 # Shape suffixes (logical dims, not the local shard):
 #   B = batch, T = tokens in this step, S = tokens attended to (cache + this step)
 #   V = vocab, H = hidden, F = dense MLP intermediate
-#   N = query heads, G = kv heads, D = head dim
+#   N = query heads, G = kv heads, D = head dim, R = rotary dims
 #   E = experts, I = expert intermediate (gate_up_EIH holds 2I rows: gate, then up)
 #   K = top-k, M = routed (token, expert) pairs = T * K
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-@dataclass(kw_only=True)
-class ModelArgs:
-    """Hyper-parameters of a Qwen3-MoE model, validated once on construction."""
-
-    vocab_size: int
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    intermediate_size: int
-    moe_intermediate_size: int
-    num_experts: int
-    top_k: int
-    norm_topk_prob: bool = False
-    rms_norm_eps: float = 1e-6
-    rope_theta: float = 10000.0
-    max_position_embeddings: int = 32768
-    mlp_only_layers: list[int] = field(default_factory=list)
-    decoder_sparse_step: int = 1
-    tie_word_embeddings: bool = False
-
-    def __post_init__(self) -> None:
-        for name in (
-            "vocab_size",
-            "hidden_size",
-            "num_layers",
-            "num_heads",
-            "num_kv_heads",
-            "head_dim",
-            "intermediate_size",
-            "moe_intermediate_size",
-            "max_position_embeddings",
-            "decoder_sparse_step",
-        ):
-            value = getattr(self, name)
-            if value < 1:
-                raise ValueError(f"{name} ({value}) must be at least 1")
-        if self.num_heads % self.num_kv_heads:
-            raise ValueError(
-                f"num_heads ({self.num_heads}) is not divisible by num_kv_heads ({self.num_kv_heads})"
-            )
-        if self.head_dim % 2:
-            raise ValueError(f"head_dim ({self.head_dim}) must be even: RoPE rotates pairs")
-        if self.num_experts < 0:
-            raise ValueError(f"num_experts ({self.num_experts}) must not be negative")
-        if self.num_experts and not 1 <= self.top_k <= self.num_experts:
-            raise ValueError(
-                f"top_k ({self.top_k}) must be in [1, num_experts ({self.num_experts})]"
-            )
-        bad = sorted(i for i in self.mlp_only_layers if not 0 <= i < self.num_layers)
-        if bad:
-            raise ValueError(
-                f"mlp_only_layers has {bad}, outside [0, num_layers ({self.num_layers}))"
-            )
-        if self.rms_norm_eps <= 0 or self.rope_theta <= 0:
-            raise ValueError(
-                f"rms_norm_eps ({self.rms_norm_eps}) and rope_theta ({self.rope_theta}) must be positive"
-            )
-
-    def is_moe_layer(self, layer_idx: int) -> bool:
-        """Whether layer ``layer_idx`` has routed experts (else a dense MLP), as transformers decides."""
-        return (
-            layer_idx not in self.mlp_only_layers
-            and self.num_experts > 0
-            and (layer_idx + 1) % self.decoder_sparse_step == 0
-        )
-
-    @classmethod
-    def from_hf_config(cls, cfg: dict[str, Any]) -> ModelArgs:
-        """Parse a transformers ``config.json`` dict of a ``qwen3_moe`` model.
-
-        Accepts both spellings found in the wild: ``num_experts`` (Qwen's own
-        checkpoints) or ``num_local_experts`` (what transformers 5.x saves), and
-        ``rope_theta`` or ``rope_parameters["rope_theta"]``. Features this model
-        does not implement (sliding window, scaled RoPE, biases, other
-        activations) are refused rather than silently ignored.
-
-        Example:
-            >>> import json
-            >>> args = ModelArgs.from_hf_config(json.load(open("config.json")))  # doctest: +SKIP
-        """
-        model_type = cfg.get("model_type", "qwen3_moe")
-        if model_type != "qwen3_moe":
-            raise ValueError(f"model_type is {model_type!r}; this model implements 'qwen3_moe'")
-        required = (
-            "vocab_size",
-            "hidden_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "intermediate_size",
-            "moe_intermediate_size",
-            "num_experts_per_tok",
-        )
-        missing = [k for k in required if k not in cfg]
-        if "num_experts" not in cfg and "num_local_experts" not in cfg:
-            missing.append("num_experts (or num_local_experts)")
-        missing.sort()
-        if missing:
-            raise ValueError(f"config.json lacks {', '.join(missing)}")
-
-        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type != "default":
-            raise ValueError(f"rope_type {rope_type!r} is not supported; only 'default' RoPE is")
-        unsupported = {
-            "hidden_act": (cfg.get("hidden_act", "silu"), "silu"),
-            "attention_bias": (cfg.get("attention_bias", False), False),
-            "use_sliding_window": (cfg.get("use_sliding_window", False), False),
-        }
-        for key, (value, expected) in unsupported.items():
-            if value != expected:
-                raise ValueError(f"{key} is {value!r}; this model supports only {expected!r}")
-
-        num_heads = cfg["num_attention_heads"]
-        return cls(
-            vocab_size=cfg["vocab_size"],
-            hidden_size=cfg["hidden_size"],
-            num_layers=cfg["num_hidden_layers"],
-            num_heads=num_heads,
-            num_kv_heads=cfg.get("num_key_value_heads") or num_heads,
-            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // num_heads,
-            intermediate_size=cfg["intermediate_size"],
-            moe_intermediate_size=cfg["moe_intermediate_size"],
-            num_experts=cfg.get("num_experts", cfg.get("num_local_experts")),
-            top_k=cfg["num_experts_per_tok"],
-            norm_topk_prob=cfg.get("norm_topk_prob", False),
-            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            rope_theta=cfg.get("rope_theta", rope.get("rope_theta", 10000.0)),
-            max_position_embeddings=cfg.get("max_position_embeddings", 32768),
-            mlp_only_layers=list(cfg.get("mlp_only_layers") or []),
-            decoder_sparse_step=cfg.get("decoder_sparse_step", 1),
-            tie_word_embeddings=cfg.get("tie_word_embeddings", False),
-        )
+from reshard.architecture import ModelArgs
 
 
 class RMSNorm(nn.Module):
@@ -178,38 +48,49 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
+    def mean_square(self, x32: torch.Tensor) -> torch.Tensor:
+        """Mean of squares over the last dim. A tensor parallelizer that splits that dim
+        over ranks swaps this for one that sums the statistic across them."""
+        return x32.pow(2).mean(-1, keepdim=True)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32 and cast back before the scale, as transformers does,
         # so bf16 runs round at the same place as the reference.
         x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        x32 = x32 * torch.rsqrt(self.mean_square(x32) + self.eps)
         return self.weight * x32.to(x.dtype)
 
 
 def rope_cos_sin(
-    positions_T: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
+    positions_T: torch.Tensor, rotary_dim: int, theta: float, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Default RoPE tables for the given positions.
+    """Default RoPE tables for the given positions, over the first `rotary_dim` dims of a head.
 
-    Computed per call rather than kept in a buffer: it is D/2 x T elements, and
+    Computed per call rather than kept in a buffer: it is R/2 x T elements, and
     a buffer would be cast by ``model.to(bfloat16)`` and lost on meta-device init.
 
     Returns:
-        ``(cos_TD, sin_TD)`` in ``dtype``, each half repeated (rotate-half convention).
+        ``(cos_TR, sin_TR)`` in ``dtype``, each half repeated (rotate-half convention).
     """
     inv_freq = 1.0 / (
         theta
-        ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=positions_T.device) / head_dim)
+        ** (
+            torch.arange(0, rotary_dim, 2, dtype=torch.float, device=positions_T.device)
+            / rotary_dim
+        )
     )
-    freqs_TD = positions_T.float()[:, None] * inv_freq[None, :]
-    emb_TD = torch.cat((freqs_TD, freqs_TD), dim=-1)
-    return emb_TD.cos().to(dtype), emb_TD.sin().to(dtype)
+    freqs_TR = positions_T.float()[:, None] * inv_freq[None, :]
+    emb_TR = torch.cat((freqs_TR, freqs_TR), dim=-1)
+    return emb_TR.cos().to(dtype), emb_TR.sin().to(dtype)
 
 
-def apply_rope(x_BNTD: torch.Tensor, cos_TD: torch.Tensor, sin_TD: torch.Tensor) -> torch.Tensor:
-    half = x_BNTD.shape[-1] // 2
-    rotated = torch.cat((-x_BNTD[..., half:], x_BNTD[..., :half]), dim=-1)
-    return x_BNTD * cos_TD + rotated * sin_TD
+def apply_rope(x_BNTD: torch.Tensor, cos_TR: torch.Tensor, sin_TR: torch.Tensor) -> torch.Tensor:
+    """Rotate the first R dims of each head (all of them unless RoPE is partial)."""
+    R = cos_TR.shape[-1]
+    x_BNTR, x_pass = x_BNTD[..., :R], x_BNTD[..., R:]
+    half = R // 2
+    rotated = torch.cat((-x_BNTR[..., half:], x_BNTR[..., :half]), dim=-1)
+    return torch.cat((x_BNTR * cos_TR + rotated * sin_TR, x_pass), dim=-1)
 
 
 class KVCache:
@@ -250,7 +131,8 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    """GQA with per-head q/k RMSNorm before RoPE (Qwen3).
+    """GQA with the variants of ``args``: q/k RMSNorm per head (Qwen3) or over the whole
+    projection (OLMoE) or none, qkv bias, q/k/v clipping, partial RoPE.
 
     ``n_heads`` and ``n_kv_heads`` are the heads *this module holds*; a tensor
     parallelizer that shards q/k/v column-wise sets them to the local counts.
@@ -262,31 +144,50 @@ class Attention(nn.Module):
         self.n_heads = args.num_heads
         self.n_kv_heads = args.num_kv_heads
         self.head_dim = args.head_dim
-        H, D = args.hidden_size, args.head_dim
-        self.q_proj = nn.Linear(H, args.num_heads * D, bias=False)
-        self.k_proj = nn.Linear(H, args.num_kv_heads * D, bias=False)
-        self.v_proj = nn.Linear(H, args.num_kv_heads * D, bias=False)
+        self.clip = args.clip_qkv
+        self.norm_per_head = args.qk_norm == "head"
+        H, D, bias = args.hidden_size, args.head_dim, args.qkv_bias
+        self.q_proj = nn.Linear(H, args.num_heads * D, bias=bias)
+        self.k_proj = nn.Linear(H, args.num_kv_heads * D, bias=bias)
+        self.v_proj = nn.Linear(H, args.num_kv_heads * D, bias=bias)
         self.o_proj = nn.Linear(args.num_heads * D, H, bias=False)
-        # Over head_dim only, so they act per head and need no change under TP.
-        self.q_norm = RMSNorm(D, args.rms_norm_eps)
-        self.k_norm = RMSNorm(D, args.rms_norm_eps)
+        self.q_norm: RMSNorm | None = None
+        self.k_norm: RMSNorm | None = None
+        if args.qk_norm == "head":  # over head_dim: per head, unchanged under TP
+            self.q_norm = RMSNorm(D, args.rms_norm_eps)
+            self.k_norm = RMSNorm(D, args.rms_norm_eps)
+        elif args.qk_norm == "projection":
+            self.q_norm = RMSNorm(args.num_heads * D, args.rms_norm_eps)
+            self.k_norm = RMSNorm(args.num_kv_heads * D, args.rms_norm_eps)
+
+    def _project(self, x_BTH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v as ``[B, T, heads, D]``, normalised and clipped as the family does."""
+        B, T, _ = x_BTH.shape
+        D = self.head_dim
+        q, k, v = self.q_proj(x_BTH), self.k_proj(x_BTH), self.v_proj(x_BTH)
+        if self.q_norm is not None and not self.norm_per_head:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip is not None:
+            q, k, v = (t.clamp(-self.clip, self.clip) for t in (q, k, v))
+        q_BTND = q.view(B, T, self.n_heads, D)
+        k_BTGD = k.view(B, T, self.n_kv_heads, D)
+        if self.q_norm is not None and self.norm_per_head:
+            q_BTND, k_BTGD = self.q_norm(q_BTND), self.k_norm(k_BTGD)
+        return q_BTND, k_BTGD, v.view(B, T, self.n_kv_heads, D)
 
     def forward(
         self,
         x_BTH: torch.Tensor,
-        cos_TD: torch.Tensor,
-        sin_TD: torch.Tensor,
+        cos_TR: torch.Tensor,
+        sin_TR: torch.Tensor,
         start_pos: int = 0,
         cache: KVCache | None = None,
     ) -> torch.Tensor:
         B, T, _ = x_BTH.shape
-        D = self.head_dim
-        q_BNTD = self.q_norm(self.q_proj(x_BTH).view(B, T, self.n_heads, D)).transpose(1, 2)
-        k_BGTD = self.k_norm(self.k_proj(x_BTH).view(B, T, self.n_kv_heads, D)).transpose(1, 2)
-        v_BGTD = self.v_proj(x_BTH).view(B, T, self.n_kv_heads, D).transpose(1, 2)
-        q_BNTD = apply_rope(q_BNTD, cos_TD, sin_TD)
-        k_BGSD = apply_rope(k_BGTD, cos_TD, sin_TD)
-        v_BGSD = v_BGTD
+        q_BTND, k_BTGD, v_BTGD = self._project(x_BTH)
+        q_BNTD = apply_rope(q_BTND.transpose(1, 2), cos_TR, sin_TR)
+        k_BGSD = apply_rope(k_BTGD.transpose(1, 2), cos_TR, sin_TR)
+        v_BGSD = v_BTGD.transpose(1, 2)
         if cache is not None:
             k_BGSD, v_BGSD = cache.update(self.layer_idx, start_pos, k_BGSD, v_BGSD)
         S = k_BGSD.shape[2]
@@ -303,7 +204,7 @@ class Attention(nn.Module):
             out_BNTD = F.scaled_dot_product_attention(
                 q_BNTD, k_BGSD, v_BGSD, attn_mask=mask_TS, enable_gqa=True
             )
-        return self.o_proj(out_BNTD.transpose(1, 2).reshape(B, T, self.n_heads * D))
+        return self.o_proj(out_BNTD.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
 class MLP(nn.Module):
@@ -320,26 +221,65 @@ class MLP(nn.Module):
 
 
 class Router(nn.Module):
-    """Top-k softmax router; its weight is ``mlp.gate.weight [E, H]``."""
+    """Top-k router; its weight is ``mlp.gate.weight [E, H]``.
+
+    "softmax": softmax over all experts, top-k, optionally renormalised (Qwen, Mixtral,
+    OLMoE). "sigmoid": sigmoid scores; the choice adds ``e_score_correction_bias`` and
+    may be limited to the best ``topk_group`` of ``n_group`` expert groups; the weights
+    are the chosen scores, optionally renormalised, times ``routed_scaling_factor``
+    (GLM-4.5, DeepSeek-V3).
+    """
 
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.top_k = args.top_k
+        self.kind = args.router
         self.norm_topk_prob = args.norm_topk_prob
+        self.n_group, self.topk_group = args.n_group, args.topk_group
+        self.scaling = args.routed_scaling_factor
         self.weight = nn.Parameter(torch.empty(args.num_experts, args.hidden_size))
         nn.init.normal_(self.weight, std=0.02)
+        if args.router_bias:  # a buffer, as in transformers: loaded, never trained
+            self.register_buffer("e_score_correction_bias", torch.zeros(args.num_experts))
+        else:
+            self.e_score_correction_bias = None
 
     def forward(self, x_TH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns ``(topk_ids_TK, topk_weights_TK)``; weights in ``x_TH``'s dtype."""
+        if self.kind == "sigmoid":
+            ids_TK, weights_TK = self._sigmoid(x_TH)
+        else:
+            ids_TK, weights_TK = self._softmax(x_TH)
+        return ids_TK, weights_TK.to(x_TH.dtype)
+
+    def _softmax(self, x_TH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # transformers 5.23: logits in the model dtype, softmax and renormalisation
-        # in fp32, the chosen weights cast back. Matching it keeps bf16 routing
-        # decisions (ties between experts) identical to the reference.
-        logits_TE = F.linear(x_TH, self.weight)
-        probs_TE = F.softmax(logits_TE, dim=-1, dtype=torch.float32)
-        topk_weights_TK, topk_ids_TK = torch.topk(probs_TE, self.top_k, dim=-1)
+        # in fp32. Matching it keeps bf16 routing decisions (ties) identical.
+        probs_TE = F.softmax(F.linear(x_TH, self.weight), dim=-1, dtype=torch.float32)
+        weights_TK, ids_TK = torch.topk(probs_TE, self.top_k, dim=-1)
         if self.norm_topk_prob:
-            topk_weights_TK = topk_weights_TK / topk_weights_TK.sum(dim=-1, keepdim=True)
-        return topk_ids_TK, topk_weights_TK.to(logits_TE.dtype)
+            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
+        return ids_TK, weights_TK
+
+    def _sigmoid(self, x_TH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores_TE = F.linear(x_TH.float(), self.weight.float()).sigmoid()  # fp32, as transformers
+        choice_TE = scores_TE
+        if self.e_score_correction_bias is not None:
+            choice_TE = scores_TE + self.e_score_correction_bias.float()
+        if self.n_group > 1:
+            T, E = choice_TE.shape
+            per_group_TGX = choice_TE.view(T, self.n_group, E // self.n_group)
+            group_scores_TG = per_group_TGX.topk(2, dim=-1).values.sum(dim=-1)
+            groups_TK = group_scores_TG.topk(self.topk_group, dim=-1, sorted=False).indices
+            keep_TG = torch.zeros_like(group_scores_TG, dtype=torch.bool)
+            keep_TG.scatter_(1, groups_TK, True)
+            keep_TE = keep_TG[:, :, None].expand_as(per_group_TGX).reshape(T, E)
+            choice_TE = choice_TE.masked_fill(~keep_TE, float("-inf"))
+        ids_TK = choice_TE.topk(self.top_k, dim=-1, sorted=False).indices
+        weights_TK = scores_TE.gather(1, ids_TK)
+        if self.norm_topk_prob:
+            weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
+        return ids_TK, weights_TK * self.scaling
 
 
 def _use_grouped_mm(x: torch.Tensor) -> bool:
@@ -449,16 +389,40 @@ class Experts(nn.Module):
 
 
 class MoE(nn.Module):
+    """Routed experts, plus a shared expert (optionally sigmoid-gated) beside them.
+
+    ``routed`` is the part an expert-parallel wrapper replaces: it sees the tokens,
+    routes them and returns the weighted expert outputs. The shared expert is a dense
+    MLP on every token, parallelised like any other.
+    """
+
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         # Registration order as in transformers, so named_parameters() lists alike.
         self.experts = Experts(args)
         self.gate = Router(args)
+        self.shared_name = None
+        if args.shared_expert_intermediate_size:
+            self.shared_name = args.shared_expert_name
+            shared = MLP(args.hidden_size, args.shared_expert_intermediate_size)
+            self.add_module(self.shared_name, shared)
+        self.shared_expert_gate = (
+            nn.Linear(args.hidden_size, 1, bias=False) if args.shared_expert_gate else None
+        )
 
-    def forward(self, x_BTH: torch.Tensor) -> torch.Tensor:
+    def routed(self, x_BTH: torch.Tensor) -> torch.Tensor:
         x_TH = x_BTH.reshape(-1, x_BTH.shape[-1])
         topk_ids_TK, topk_weights_TK = self.gate(x_TH)
         return self.experts(x_TH, topk_ids_TK, topk_weights_TK).view_as(x_BTH)
+
+    def forward(self, x_BTH: torch.Tensor) -> torch.Tensor:
+        y_BTH = self.routed(x_BTH)
+        if self.shared_name is not None:
+            shared_BTH = getattr(self, self.shared_name)(x_BTH)
+            if self.shared_expert_gate is not None:
+                shared_BTH = torch.sigmoid(self.shared_expert_gate(x_BTH)) * shared_BTH
+            y_BTH = y_BTH + shared_BTH
+        return y_BTH
 
 
 class DecoderLayer(nn.Module):
@@ -476,13 +440,13 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         x_BTH: torch.Tensor,
-        cos_TD: torch.Tensor,
-        sin_TD: torch.Tensor,
+        cos_TR: torch.Tensor,
+        sin_TR: torch.Tensor,
         start_pos: int = 0,
         cache: KVCache | None = None,
     ) -> torch.Tensor:
         h_BTH = x_BTH + self.self_attn(
-            self.input_layernorm(x_BTH), cos_TD, sin_TD, start_pos, cache
+            self.input_layernorm(x_BTH), cos_TR, sin_TR, start_pos, cache
         )
         return h_BTH + self.mlp(self.post_attention_layernorm(h_BTH))
 
@@ -504,16 +468,16 @@ class Transformer(nn.Module):
         positions_T = torch.arange(
             start_pos, start_pos + input_ids_BT.shape[1], device=h_BTH.device
         )
-        cos_TD, sin_TD = rope_cos_sin(
-            positions_T, self.args.head_dim, self.args.rope_theta, h_BTH.dtype
+        cos_TR, sin_TR = rope_cos_sin(
+            positions_T, self.args.rotary_dim, self.args.rope_theta, h_BTH.dtype
         )
         for layer in self.layers:
-            h_BTH = layer(h_BTH, cos_TD, sin_TD, start_pos, cache)
+            h_BTH = layer(h_BTH, cos_TR, sin_TR, start_pos, cache)
         return self.norm(h_BTH)
 
 
 class CausalLM(nn.Module):
-    """Qwen3-MoE causal LM with transformers' ``Qwen3MoeForCausalLM`` parameter names.
+    """The causal LM, with the parameter names of transformers' ``*ForCausalLM``.
 
     Example:
         >>> model = CausalLM(args)  # doctest: +SKIP
@@ -546,6 +510,27 @@ class CausalLM(nn.Module):
         return self.lm_head(self.model(input_ids_BT, start_pos, cache)).float()
 
 
+@contextmanager
+def _skip_init() -> Iterator[None]:
+    """No-op the nn.init functions: on meta tensors they do nothing useful, yet cost
+    every rank a second or more (they import torch._dynamo)."""
+    names = ["normal_", "uniform_", "kaiming_uniform_", "trunc_normal_", "zeros_", "ones_"]
+    saved = {n: getattr(torch.nn.init, n) for n in names}
+    try:
+        for n in names:
+            setattr(torch.nn.init, n, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(torch.nn.init, n, f)
+
+
+def meta_model(args: ModelArgs) -> CausalLM:
+    """The model with every tensor on the meta device: structure, no memory."""
+    with torch.device("meta"), _skip_init():
+        return CausalLM(args)
+
+
 def causal_lm_loss(
     logits_BTV: torch.Tensor, labels_BT: torch.Tensor, ignore_index: int = -100
 ) -> torch.Tensor:
@@ -572,6 +557,7 @@ __all__ = [
     "MLP",
     "MoE",
     "ModelArgs",
+    "meta_model",
     "RMSNorm",
     "Router",
     "Transformer",

@@ -15,6 +15,13 @@ Per layout (T tokens of a step, replicated over tp after attention unless -sp):
 | final norm     | -                            | all-gather seq first                  | -                              |
 | lm_head        | vocab rows; all-gather logits| same                                  | -                              |
 
+Every decision is read from the manifest's placements (the converter's plan is
+the contract; there is no second copy here): attention runs head-parallel because
+q_proj is Shard on tp, experts are expert-parallel over the mesh dims where
+gate_up_proj is Shard(0), a whole-projection q/k norm sums its statistic over tp
+because its weight is Shard(0) on tp. A parameter the manifest splits but no rule
+here reads is refused, so the files and the forward cannot drift apart.
+
 Gradients (validate): parameters that only saw part of the tokens or part of
 the heads hold partial gradients; `finish_grads` sums them over that group.
 """
@@ -30,9 +37,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from reshard.errors import CheckpointError
 from reshard.layout import Layout
+from reshard.placements import Placement, Replicate, Shard, StridedShard
+from reshard.plan import ParamPlan
 from reshard.runtime import collectives as C
-from reshard.runtime.model import MLP, CausalLM, MoE
+from reshard.runtime.model import MLP, CausalLM, MoE, RMSNorm
 
 
 def _new_group(layout: Layout, rank: int, key) -> dist.ProcessGroup | None:
@@ -59,7 +69,6 @@ class ParallelGroups:
         tp: ranks that differ only in tp: attention heads, vocab rows, expert I-slices.
         ep: ranks that differ only in the expert dims (ep, and tp with -tp2ep): tokens are
             chunked over it and exchanged with all_to_all.
-        expert_tp: `tp` when experts are TP-sliced (no -tp2ep), else None.
         kv: ranks of one tp group holding the same repeated kv head (tp > kv heads).
     """
 
@@ -67,7 +76,6 @@ class ParallelGroups:
     rank: int
     tp: C.Group = None
     ep: C.Group = None
-    expert_tp: C.Group = None
     kv: C.Group = None
 
     @classmethod
@@ -82,9 +90,7 @@ class ParallelGroups:
             kv = _new_group(
                 layout, rank, lambda c: (without("tp")(c), c.get("tp", 0) // head_repeat)
             )
-        return cls(
-            layout=layout, rank=rank, tp=tp, ep=ep, expert_tp=None if layout.tp2ep else tp, kv=kv
-        )
+        return cls(layout=layout, rank=rank, tp=tp, ep=ep, kv=kv)
 
 
 @dataclass
@@ -108,8 +114,14 @@ def _pad_rows(x_TH: torch.Tensor, multiple: int) -> torch.Tensor:
 class _MoEHooks:
     """Token movement around one MoE layer: split -> route -> dispatch -> experts -> combine -> gather."""
 
-    def __init__(self, moe: MoE, groups: ParallelGroups, real_tokens: list[int] | None):
-        self.groups, self.state = groups, _MoEState()
+    def __init__(
+        self,
+        moe: MoE,
+        groups: ParallelGroups,
+        expert_tp: C.Group,
+        real_tokens: list[int] | None,
+    ):
+        self.groups, self.expert_tp, self.state = groups, expert_tp, _MoEState()
         # -sp: a one-element list holding the sequence length before padding (set per forward).
         self.real_tokens = real_tokens
         self.sp = sequence_sharded = real_tokens is not None
@@ -119,14 +131,13 @@ class _MoEHooks:
         self.sp_is_split = sequence_sharded and n_ep > 1 and groups.layout.expert_dims == ("tp",)
         self.num_experts = moe.gate.weight.shape[0]
         self.tokens_per_expert = torch.zeros(self.num_experts, dtype=torch.long)
-        moe.register_forward_pre_hook(self.before_moe)
-        moe.register_forward_hook(self.after_moe)
+        routed = moe.routed
+        moe.routed = lambda x_BTH: self.after_moe(routed(*self.before_moe(x_BTH)))
         moe.gate.register_forward_hook(self.after_router)
         moe.experts.register_forward_pre_hook(self.before_experts)
         moe.experts.register_forward_hook(self.after_experts)
 
-    def before_moe(self, module, args):
-        (x_BTH,) = args
+    def before_moe(self, x_BTH: torch.Tensor) -> tuple[torch.Tensor]:
         s, g = self.state, self.groups
         s.gathered = self.sp and not self.sp_is_split
         if s.gathered:
@@ -165,7 +176,7 @@ class _MoEHooks:
     def before_experts(self, module, args):
         x_TH, ids_TK, weights_TK = args
         g, s = self.groups, self.state
-        x_TH, weights_TK = C.copy_to(x_TH, g.expert_tp), C.copy_to(weights_TK, g.expert_tp)
+        x_TH, weights_TK = C.copy_to(x_TH, self.expert_tp), C.copy_to(weights_TK, self.expert_tp)
         n = C.group_size(g.ep)
         if n == 1:
             return x_TH, ids_TK, weights_TK
@@ -190,9 +201,9 @@ class _MoEHooks:
             inverse_M = torch.empty_like(s.order_M)
             inverse_M[s.order_M] = torch.arange(len(s.order_M), device=s.order_M.device)
             y = y_MH[inverse_M].view(-1, s.topk, y_MH.shape[-1]).sum(dim=1)
-        return C.reduce_from(y, g.expert_tp)
+        return C.reduce_from(y, self.expert_tp)
 
-    def after_moe(self, module, args, out_1TH):
+    def after_moe(self, out_1TH: torch.Tensor) -> torch.Tensor:
         g, s = self.groups, self.state
         y_TH = out_1TH.reshape(-1, out_1TH.shape[-1])
         if C.group_size(g.ep) > 1 and not self.sp_is_split:
@@ -269,15 +280,122 @@ def _pad_sequence_for_sp(model: CausalLM, tp: int) -> list[int]:
     return real
 
 
+class _Placements:
+    """The manifest's placements, asked per parameter and mesh dim; remembers what was asked."""
+
+    def __init__(self, params: dict[str, ParamPlan], layout: Layout):
+        self.params, self.layout, self.read = params, layout, set()
+
+    def on(self, name: str, dim: str) -> Placement:
+        self.read.add(name)
+        if dim not in self.layout.mesh_dim_names:
+            return Replicate()
+        return self.params[name].placements[self.layout.mesh_dim_names.index(dim)]
+
+    def split(self, name: str, dim: str, *allowed: type) -> bool:
+        """Whether `name` is split over `dim`; a split of a kind not in `allowed` is refused."""
+        placement = self.on(name, dim)
+        if isinstance(placement, Replicate):
+            return False
+        if not isinstance(placement, allowed):
+            raise CheckpointError(f"{name}: the runtime cannot run {placement} on {dim}")
+        return True
+
+    def split_alike(self, names: list[str], dim: str, *allowed: type) -> bool:
+        """Whether the tensors of one block are split over `dim`: all of them or none."""
+        splits = {n: self.split(n, dim, *allowed) for n in names if n in self.params}
+        if len(set(splits.values())) > 1:
+            raise CheckpointError(f"manifest splits only some of {sorted(splits)} over {dim}")
+        return any(splits.values())
+
+    def check_all_read(self) -> None:
+        """A tensor the manifest splits must have been read by a rule here, else the runtime
+        would run it as if whole."""
+        unread = [
+            n
+            for n, p in self.params.items()
+            if n not in self.read and any(not isinstance(pl, Replicate) for pl in p.placements)
+        ]
+        if unread:
+            raise CheckpointError(
+                f"the manifest splits {', '.join(sorted(unread)[:5])}, which the runtime does not run split"
+            )
+
+
+def _sum_norm_statistic(norm: RMSNorm, group: C.Group) -> None:
+    """A norm over a dim split across `group`: the mean of squares over the whole dim."""
+    full = norm.weight.shape[0] * C.group_size(group)
+    norm.mean_square = lambda x32: C.sum_over(x32.pow(2).sum(-1, keepdim=True), group) / full
+
+
+def _parallel_attention(
+    pm: ParallelModel, P: _Placements, attn: nn.Module, prefix: str, head_repeat: int, sp: bool
+) -> None:
+    groups = pm.groups
+    projections = [f"{prefix}{p}_proj.{k}" for p in "qkv" for k in ("weight", "bias")]
+    split = P.split_alike([*projections, f"{prefix}o_proj.weight"], "tp", Shard)
+    if split:
+        attn.n_heads = attn.q_proj.weight.shape[0] // attn.head_dim
+        attn.n_kv_heads = attn.k_proj.weight.shape[0] // attn.head_dim
+        _tp_region(attn, groups, sp)
+        if head_repeat > 1:
+            pm.grad_groups += [
+                (p, groups.kv) for p in (*attn.k_proj.parameters(), *attn.v_proj.parameters())
+            ]
+    if attn.q_norm is None:
+        return
+    if P.split_alike([f"{prefix}q_norm.weight", f"{prefix}k_norm.weight"], "tp", Shard):
+        # Over the whole projection, split with it: the statistic is summed over tp.
+        _sum_norm_statistic(attn.q_norm, groups.tp)
+        _sum_norm_statistic(attn.k_norm, groups.tp)
+        if head_repeat > 1:
+            pm.grad_groups.append((attn.k_norm.weight, groups.kv))
+    elif split:
+        # Per head, whole on every rank: each rank normalised only its own heads.
+        pm.grad_groups += [(attn.q_norm.weight, groups.tp), (attn.k_norm.weight, groups.tp)]
+
+
+def _parallel_moe(
+    pm: ParallelModel, P: _Placements, moe: MoE, prefix: str, real_tokens: list[int] | None
+) -> None:
+    groups, layout = pm.groups, pm.groups.layout
+    experts = [f"{prefix}experts.gate_up_proj", f"{prefix}experts.down_proj"]
+    for name in experts:
+        dims = tuple(d for d in layout.mesh_dim_names if P.on(name, d) == Shard(0))
+        if dims != layout.expert_dims:
+            raise CheckpointError(
+                f"{name}: experts split over {dims or 'no dims'}, layout "
+                f"{layout.name} runs them over {layout.expert_dims or 'none'}"
+            )
+    expert_tp = "tp" not in layout.expert_dims and P.split_alike(experts, "tp", StridedShard, Shard)
+    pm.moe_hooks.append(_MoEHooks(moe, groups, groups.tp if expert_tp else None, real_tokens))
+    P.split_alike([f"{prefix}gate.weight", f"{prefix}gate.e_score_correction_bias"], "tp")
+    if C.group_size(groups.ep) > 1:
+        pm.grad_groups.append((moe.gate.weight, groups.ep))  # it saw only this rank's chunk
+    if moe.shared_name is not None:
+        shared = getattr(moe, moe.shared_name)
+        names = [f"{prefix}{moe.shared_name}.{p}_proj.weight" for p in ("gate", "up", "down")]
+        if P.split_alike(names, "tp", Shard):
+            _tp_region(shared, groups, layout.sp)
+    if moe.shared_expert_gate is not None:
+        P.split_alike([f"{prefix}shared_expert_gate.weight"], "tp")
+        if layout.sp:  # it saw only this rank's part of the sequence
+            pm.grad_groups.append((moe.shared_expert_gate.weight, groups.tp))
+
+
 def parallelize(
-    model: CausalLM, layout: Layout, groups: ParallelGroups, head_repeat: int = 1
+    model: CausalLM, layout: Layout, groups: ParallelGroups, params: dict[str, ParamPlan]
 ) -> ParallelModel:
-    """Wire `model` (holding, or about to hold, this rank's local shards) for `layout`."""
+    """Wire `model` (holding, or about to hold, this rank's local shards) for `layout`, as the
+    manifest's placements `params` say."""
     tp, sp = layout.size("tp"), layout.sp
+    P = _Placements(params, layout)
+    head_repeat = max((p.head_repeat for p in params.values()), default=1)
     pm = ParallelModel(model=model, groups=groups)
-    args = model.args
-    if tp > 1:
+    if P.split("model.embed_tokens.weight", "tp", Shard):
         _vocab_parallel_embedding(model.model.embed_tokens, groups, sp)
+    head = "model.embed_tokens.weight" if model.args.tie_word_embeddings else "lm_head.weight"
+    if P.split(head, "tp", Shard):
         model.lm_head.register_forward_pre_hook(lambda m, a: (C.copy_to(a[0], groups.tp),))
         model.lm_head.register_forward_hook(lambda m, a, y: C.gather_from(y, -1, groups.tp))
     real_tokens = _pad_sequence_for_sp(model, tp) if sp else None
@@ -285,27 +403,19 @@ def parallelize(
         model.model.norm.register_forward_pre_hook(
             lambda m, a: (C.gather_from(a[0], 1, groups.tp),)
         )
-    for layer in model.model.layers:
-        attn = layer.self_attn
-        if tp > 1:
-            attn.n_heads = args.num_heads // tp
-            attn.n_kv_heads = max(1, args.num_kv_heads // tp)
-            _tp_region(attn, groups, sp)
-            # Each rank normalises only its own heads with the shared q/k norm weights.
-            pm.grad_groups += [(attn.q_norm.weight, groups.tp), (attn.k_norm.weight, groups.tp)]
-            if head_repeat > 1:
-                pm.grad_groups += [(attn.k_proj.weight, groups.kv), (attn.v_proj.weight, groups.kv)]
+    for i, layer in enumerate(model.model.layers):
+        prefix = f"model.layers.{i}."
+        _parallel_attention(pm, P, layer.self_attn, prefix + "self_attn.", head_repeat, sp)
         if sp:
             pm.grad_groups += [
                 (layer.input_layernorm.weight, groups.tp),
                 (layer.post_attention_layernorm.weight, groups.tp),
             ]
-        if isinstance(layer.mlp, MLP) and tp > 1:
-            _tp_region(layer.mlp, groups, sp)
-        elif isinstance(layer.mlp, MoE):
-            hooks = _MoEHooks(layer.mlp, groups, real_tokens)
-            pm.moe_hooks.append(hooks)
-            if C.group_size(groups.ep) > 1:
-                # The router saw only this rank's chunk of the tokens.
-                pm.grad_groups.append((layer.mlp.gate.weight, groups.ep))
+        if isinstance(layer.mlp, MoE):
+            _parallel_moe(pm, P, layer.mlp, prefix + "mlp.", real_tokens)
+        elif isinstance(layer.mlp, MLP):
+            names = [f"{prefix}mlp.{p}_proj.weight" for p in ("gate", "up", "down")]
+            if P.split_alike(names, "tp", Shard):
+                _tp_region(layer.mlp, groups, sp)
+    P.check_all_read()
     return pm

@@ -21,7 +21,7 @@ from torch import nn
 
 from reshard.convert import make_plan
 from reshard.layout import Layout
-from reshard.runtime.model import causal_lm_loss, rope_cos_sin
+from reshard.runtime.model import causal_lm_loss, meta_model, rope_cos_sin
 from reshard.sources import Source
 from reshard.writer import ShardWriter
 
@@ -48,13 +48,11 @@ def _entries(names_shapes, ids_BT, vocab) -> list:
 def streamed_reference(source: Source, ids_BT: torch.Tensor, out: Path) -> None:
     """Forward and backward of `ids_BT` (labels = ids) on `source`, one layer in memory at a time."""
     plan = make_plan(source, Layout.parse("tp1"))
-    args, spec = plan.args, plan.spec
-    skeleton = spec.meta_model(source.config)
+    args = plan.args
+    skeleton = meta_model(args)
 
     def load(module: nn.Module, prefix: str) -> nn.Module:
-        state = {
-            n: plan.targets[prefix + n].materialize().float() for n, _ in module.named_parameters()
-        }
+        state = {n: plan.targets[prefix + n].materialize().float() for n in module.state_dict()}
         module.load_state_dict(state, assign=True)
         return module
 
@@ -71,7 +69,7 @@ def streamed_reference(source: Source, ids_BT: torch.Tensor, out: Path) -> None:
         order = [(n, s) for n, s in order if n != "lm_head.weight"]
 
     B, T = ids_BT.shape
-    cos_TD, sin_TD = rope_cos_sin(torch.arange(T), args.head_dim, args.rope_theta, torch.float32)
+    cos_TD, sin_TD = rope_cos_sin(torch.arange(T), args.rotary_dim, args.rope_theta, torch.float32)
     with ShardWriter(out, _entries(order, ids_BT, args.vocab_size)) as writer:
         writer.write("input_ids", ids_BT)
         embed = load(skeleton.model.embed_tokens, "model.embed_tokens.")

@@ -35,6 +35,12 @@ from reshard.layout import Layout
 from reshard.plan import canonical_style, placements_for
 from reshard.sources import open_source
 
+
+def args_of(source):
+    """The source's config parsed by its family."""
+    return get_spec(source.model_type).parse_config(source.config)
+
+
 # --- helpers -------------------------------------------------------------------------------------
 
 
@@ -216,7 +222,7 @@ def tiny_tensors(tiny_dir) -> dict[str, torch.Tensor]:
 
 def test_qwen3_targets_equal_transformers_parameters(tiny_source, hf_params):
     spec = get_spec("qwen3_moe")
-    targets = spec.to_targets(tiny_source.tensors, tiny_source.config)
+    targets = spec.to_targets(tiny_source.tensors, args_of(tiny_source))
     assert list(targets) == list(hf_params)  # same names, same order as named_parameters()
     for name, lazy_tensor in targets.items():
         assert_bit_equal(lazy_tensor.materialize(), hf_params[name], name)
@@ -224,7 +230,7 @@ def test_qwen3_targets_equal_transformers_parameters(tiny_source, hf_params):
 
 def test_qwen3_to_sources_of_to_targets_is_the_source(tiny_source, tiny_tensors):
     spec = get_spec("qwen3_moe")
-    back = spec.to_sources(spec.to_targets(tiny_source.tensors, tiny_source.config))
+    back = spec.to_sources(spec.to_targets(tiny_source.tensors, args_of(tiny_source)))
     assert sorted(back) == sorted(tiny_tensors)
     for name, lazy_tensor in back.items():
         assert_bit_equal(lazy_tensor.materialize(), tiny_tensors[name], name)
@@ -299,7 +305,7 @@ def _gpt_oss_spec():
 
 def test_gpt_oss_style_checkpoint_converts_to_the_transformers_layout(gpt_oss_dir, hf_params):
     src = open_source(str(gpt_oss_dir))
-    targets = _gpt_oss_spec().to_targets(src.tensors, src.config)
+    targets = _gpt_oss_spec().to_targets(src.tensors, args_of(src))
     for name, lazy_tensor in targets.items():
         assert_bit_equal(lazy_tensor.materialize(), hf_params[name], name)
     back = _gpt_oss_spec().to_sources(targets)
@@ -332,14 +338,14 @@ def test_unmapped_source_key_is_an_error_naming_it(tiny_source):
     stray = "model.layers.0.mlp.shared_expert.up_proj.weight"
     tensors[stray] = tensors["model.layers.0.mlp.experts.0.up_proj.weight"]
     with pytest.raises(ConversionError, match=re.escape(stray)):
-        spec.to_targets(tensors, tiny_source.config)
+        spec.to_targets(tensors, args_of(tiny_source))
 
 
 def test_ignored_source_key_is_dropped_on_purpose(tiny_source, hf_params):
     spec = get_spec("qwen3_moe")
     tensors = dict(tiny_source.tensors)
     tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = tensors["model.norm.weight"]
-    assert list(spec.to_targets(tensors, tiny_source.config)) == list(hf_params)
+    assert list(spec.to_targets(tensors, args_of(tiny_source))) == list(hf_params)
 
 
 def test_missing_target_is_an_error_naming_it(tiny_source):
@@ -348,7 +354,7 @@ def test_missing_target_is_an_error_naming_it(tiny_source):
     with pytest.raises(
         ConversionError, match=r"no tensors for: model\.layers\.1\.self_attn\.k_norm"
     ):
-        get_spec("qwen3_moe").to_targets(tensors, tiny_source.config)
+        get_spec("qwen3_moe").to_targets(tensors, args_of(tiny_source))
 
 
 def test_missing_middle_expert_is_a_conversion_error(tiny_source):
@@ -357,7 +363,7 @@ def test_missing_middle_expert_is_a_conversion_error(tiny_source):
     with pytest.raises(
         ConversionError, match=re.escape("model.layers.1.mlp.experts.7.up_proj.weight")
     ):
-        get_spec("qwen3_moe").to_targets(tensors, tiny_source.config)
+        get_spec("qwen3_moe").to_targets(tensors, args_of(tiny_source))
 
 
 @pytest.mark.parametrize(
@@ -372,7 +378,7 @@ def test_missing_expert_is_a_conversion_error_naming_the_key(tiny_source, missin
     tensors = dict(tiny_source.tensors)
     del tensors[missing]
     with pytest.raises(ConversionError, match=re.escape(missing)):
-        get_spec("qwen3_moe").to_targets(tensors, tiny_source.config)
+        get_spec("qwen3_moe").to_targets(tensors, args_of(tiny_source))
 
 
 def test_wrong_shape_is_an_error_naming_the_key(tiny_source):
@@ -380,7 +386,7 @@ def test_wrong_shape_is_an_error_naming_the_key(tiny_source):
     key = "model.layers.0.self_attn.k_proj.weight"
     tensors[key] = dataclasses.replace(tensors[key], shape=(48, 64))
     with pytest.raises(ConversionError, match=re.escape(key) + r".*\[48, 64\].*\[64, 64\]"):
-        get_spec("qwen3_moe").to_targets(tensors, tiny_source.config)
+        get_spec("qwen3_moe").to_targets(tensors, args_of(tiny_source))
 
 
 def test_wrong_expert_shape_is_a_conversion_error_naming_the_key(tiny_source):
@@ -388,7 +394,7 @@ def test_wrong_expert_shape_is_a_conversion_error_naming_the_key(tiny_source):
     key = "model.layers.0.mlp.experts.3.gate_proj.weight"
     tensors[key] = dataclasses.replace(tensors[key], shape=(31, 64))
     with pytest.raises(ConversionError, match=re.escape(key)):
-        get_spec("qwen3_moe").to_targets(tensors, tiny_source.config)
+        get_spec("qwen3_moe").to_targets(tensors, args_of(tiny_source))
 
 
 # --- style aliases: transformers' names resolve to the seed names' placements -------------------

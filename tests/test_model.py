@@ -1,35 +1,22 @@
 """runtime/model.py against transformers' Qwen3MoeForCausalLM on tiny CPU configs."""
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
+from reshard.converters import get_spec
+from reshard.runtime.generate import generate, sample_next
+from reshard.runtime.model import (
+    CausalLM,
+    Experts,
+    KVCache,
+    causal_lm_loss,
+    grouped_expert_mlp,
+)
+
 transformers = pytest.importorskip("transformers")
 
-try:  # installed package
-    from reshard.runtime.generate import generate, sample_next
-    from reshard.runtime.model import (
-        CausalLM,
-        Experts,
-        KVCache,
-        ModelArgs,
-        causal_lm_loss,
-        grouped_expert_mlp,
-    )
-except ImportError:  # source tree, before `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from runtime.generate import generate, sample_next
-    from runtime.model import (
-        CausalLM,
-        Experts,
-        KVCache,
-        ModelArgs,
-        causal_lm_loss,
-        grouped_expert_mlp,
-    )
 
+parse_config = get_spec("qwen3_moe").parse_config
 TOL = 1e-5
 
 CASES = {
@@ -82,7 +69,7 @@ def make_pair(case: str, seed: int = 0):
     torch.manual_seed(seed)
     hf = transformers.Qwen3MoeForCausalLM(config).eval()
     randomize_(hf, seed)
-    ours = CausalLM(ModelArgs.from_hf_config(config.to_dict())).eval()
+    ours = CausalLM(parse_config(config.to_dict())).eval()
     ours.load_state_dict(hf.state_dict(), strict=True)
     return hf, ours
 
@@ -102,7 +89,7 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_parameter_names_and_shapes_match_transformers(case):
     config = hf_config(**CASES[case])
     hf = transformers.Qwen3MoeForCausalLM(config)
-    ours = CausalLM(ModelArgs.from_hf_config(config.to_dict()))
+    ours = CausalLM(parse_config(config.to_dict()))
     theirs = {k: tuple(v.shape) for k, v in hf.state_dict().items()}
     mine = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
     assert mine == theirs
@@ -110,9 +97,7 @@ def test_parameter_names_and_shapes_match_transformers(case):
 
 
 def test_dense_layer_has_mlp_projections_and_no_experts():
-    names = set(
-        CausalLM(ModelArgs.from_hf_config(hf_config(mlp_only_layers=[1]).to_dict())).state_dict()
-    )
+    names = set(CausalLM(parse_config(hf_config(mlp_only_layers=[1]).to_dict())).state_dict())
     assert "model.layers.1.mlp.gate_proj.weight" in names
     assert "model.layers.0.mlp.experts.gate_up_proj" in names
     assert not any(n.startswith("model.layers.1.mlp.experts") for n in names)
@@ -143,7 +128,7 @@ def qwen_style_config() -> dict:
 
 
 def test_from_hf_config_reads_qwen_spelling():
-    args = ModelArgs.from_hf_config(qwen_style_config())
+    args = parse_config(qwen_style_config())
     assert (args.num_experts, args.top_k, args.head_dim) == (16, 4, 8)
     assert (args.num_layers, args.num_heads, args.num_kv_heads) == (3, 8, 2)
     assert args.rope_theta == 1000000.0 and args.norm_topk_prob
@@ -152,7 +137,7 @@ def test_from_hf_config_reads_qwen_spelling():
 def test_from_hf_config_reads_transformers_spelling():
     cfg = hf_config(rope_parameters={"rope_type": "default", "rope_theta": 5e5}).to_dict()
     assert "num_local_experts" in cfg and "num_experts" not in cfg
-    args = ModelArgs.from_hf_config(cfg)
+    args = parse_config(cfg)
     assert (args.num_experts, args.rope_theta, args.head_dim) == (8, 5e5, 8)
 
 
@@ -172,11 +157,10 @@ def test_from_hf_config_reads_transformers_spelling():
         (
             {"mlp_only_layers": [1, 3]},
             ValueError,
-            r"mlp_only_layers has \[3\], outside \[0, num_layers \(3\)\)",
+            r"mlp_only_layers has \[3\], outside \[0, num_hidden_layers \(3\)\)",
         ),
         ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, ValueError, "rope_type 'yarn'"),
         ({"use_sliding_window": True}, ValueError, "use_sliding_window is True"),
-        ({"model_type": "mixtral"}, ValueError, "model_type is 'mixtral'"),
         (
             {"num_experts": None, "num_experts_per_tok": None},
             ValueError,
@@ -187,7 +171,7 @@ def test_from_hf_config_reads_transformers_spelling():
 def test_from_hf_config_errors_name_the_field(change, error, match):
     cfg = {k: v for k, v in {**qwen_style_config(), **change}.items() if v is not None}
     with pytest.raises(error, match=match):
-        ModelArgs.from_hf_config(cfg)
+        parse_config(cfg)
 
 
 # --- numerics against transformers ---------------------------------------------------------
@@ -361,7 +345,7 @@ def test_grouped_expert_mlp_matches_per_token_reference():
 def test_experts_module_matches_transformers_experts():
     config = hf_config()
     theirs = transformers.models.qwen3_moe.modeling_qwen3_moe.Qwen3MoeExperts(config)
-    ours = Experts(ModelArgs.from_hf_config(config.to_dict()))
+    ours = Experts(parse_config(config.to_dict()))
     randomize_(theirs, seed=2)
     ours.load_state_dict(theirs.state_dict(), strict=True)
     gen = torch.Generator().manual_seed(3)

@@ -23,14 +23,19 @@ def _reshard(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize(
     "model_type, nearest",
-    [("qwen2_moe", "qwen3_moe"), ("Qwen3_MoE", "qwen3_moe"), ("mystery", None)],
+    [
+        ("qwen3_moe_v2", "qwen3_moe"),
+        ("glm4moe", "glm4_moe"),
+        ("Mixtral", "mixtral"),
+        ("mystery", None),
+    ],
 )
 def test_unknown_model_type_names_the_nearest_supported(model_type, nearest):
     with pytest.raises(ConversionError) as e:
         get_spec(model_type)
     message = str(e.value)
     assert f"model_type {model_type!r} is not supported" in message
-    assert "supported: qwen3_moe" in message
+    assert "supported: glm4_moe, mixtral, olmoe, qwen2_moe, qwen3_moe" in message
     assert (f"(nearest: {nearest})" in message) == (nearest is not None), message
 
 

@@ -1,0 +1,200 @@
+"""What every supported model is made of: typed hyper-parameters and the parameter table.
+
+One decoder-only MoE architecture covers every family reshard supports; the
+families differ in which variants they switch on (qk-norm per head or over the
+whole projection, qkv bias, partial RoPE, softmax or sigmoid router, router
+bias, group-limited top-k, shared experts with or without a gate, dense first
+layers). `ModelArgs` names those switches; a family's config parser (in
+`reshard.converters`) fills them in from config.json.
+
+`param_shapes(args)` is the table of every tensor the model holds: its
+transformers parameter name and global shape. The converter reads it to know
+its targets and the runtime model builds exactly these parameters (a test
+holds the two, and transformers, to the same table), so conversion never needs
+to build a model.
+
+>>> args = ModelArgs(vocab_size=128, hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2,
+...                  head_dim=8, intermediate_size=64, moe_intermediate_size=16, num_experts=8,
+...                  top_k=2)
+>>> param_shapes(args)["model.layers.0.mlp.experts.gate_up_proj"]
+(8, 32, 32)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+QK_NORMS = ("none", "head", "projection")
+ROUTERS = ("softmax", "sigmoid")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelArgs:
+    """Hyper-parameters of one model, validated once on construction.
+
+    Attributes, beyond the usual sizes:
+        qk_norm: "head" normalises q and k per head (Qwen3, weight [head_dim]);
+            "projection" over the whole q / k projection (OLMoE, weight [heads * head_dim]).
+        qkv_bias: q/k/v projections have biases (Qwen2-MoE, GLM-4.5).
+        clip_qkv: clamp q, k, v to [-clip, clip] after the projections (OLMoE), or None.
+        rotary_dim: how many leading dims of each head RoPE rotates (GLM's partial RoPE).
+        router: "softmax" over all experts, then top-k; or "sigmoid" scores with a
+            per-expert `e_score_correction_bias` for the choice only (GLM-4.5, DeepSeek-V3).
+        n_group / topk_group: group-limited top-k (the best topk_group of n_group groups).
+        routed_scaling_factor: multiplies the routed experts' weights.
+        shared_expert_intermediate_size: a dense SwiGLU beside the routed experts (0: none),
+            held as `mlp.<shared_expert_name>`; `shared_expert_gate` scales it by
+            sigmoid(mlp.shared_expert_gate(x)) (Qwen2-MoE).
+        dense_layers: layers with a dense MLP of `intermediate_size` instead of experts.
+    """
+
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    moe_intermediate_size: int
+    num_experts: int
+    top_k: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rotary_dim: int | None = None
+    max_position_embeddings: int = 32768
+    tie_word_embeddings: bool = False
+    qk_norm: str = "head"
+    qkv_bias: bool = False
+    clip_qkv: float | None = None
+    router: str = "softmax"
+    norm_topk_prob: bool = False
+    router_bias: bool = False
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    shared_expert_intermediate_size: int = 0
+    shared_expert_name: str = "shared_expert"
+    shared_expert_gate: bool = False
+    dense_layers: tuple[int, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "max_position_embeddings",
+            "n_group",
+            "topk_group",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} ({value!r}) must be a positive integer")
+        object.__setattr__(self, "dense_layers", tuple(sorted(set(self.dense_layers))))
+        if self.rotary_dim is None:
+            object.__setattr__(self, "rotary_dim", self.head_dim)
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads ({self.num_heads}) is not divisible by num_kv_heads ({self.num_kv_heads})"
+            )
+        if not 0 < self.rotary_dim <= self.head_dim or self.rotary_dim % 2:
+            raise ValueError(
+                f"rotary dims ({self.rotary_dim}) must be even and in (0, head_dim ({self.head_dim})]"
+            )
+        if self.qk_norm not in QK_NORMS or self.router not in ROUTERS:
+            raise ValueError(f"qk_norm {self.qk_norm!r} / router {self.router!r}: unknown")
+        if self.num_experts < 0:
+            raise ValueError(f"num_experts ({self.num_experts}) must not be negative")
+        if self.num_experts and not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(
+                f"top_k ({self.top_k}) must be in [1, num_experts ({self.num_experts})]"
+            )
+        if self.num_experts % self.n_group or not 1 <= self.topk_group <= self.n_group:
+            raise ValueError(
+                f"n_group ({self.n_group}) must divide num_experts ({self.num_experts}) and "
+                f"topk_group ({self.topk_group}) be in [1, n_group]"
+            )
+        if self.n_group > 1 and self.num_experts // self.n_group < 2:
+            raise ValueError("group-limited top-k scores each group by its best 2 experts")
+        bad = [i for i in self.dense_layers if not 0 <= i < self.num_layers]
+        if bad:
+            raise ValueError(f"dense layers {bad} are outside [0, num_layers ({self.num_layers}))")
+        if self.rms_norm_eps <= 0 or self.rope_theta <= 0:
+            raise ValueError(
+                f"rms_norm_eps ({self.rms_norm_eps}) and rope_theta ({self.rope_theta}) must be positive"
+            )
+        if any(self.is_moe_layer(i) for i in range(self.num_layers)) and (
+            self.moe_intermediate_size < 1
+        ):
+            raise ValueError(f"moe_intermediate_size ({self.moe_intermediate_size}) must be >= 1")
+        if self.dense_layers and self.intermediate_size < 1:
+            raise ValueError(f"intermediate_size ({self.intermediate_size}) must be >= 1")
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether layer `layer` has routed experts (else a dense MLP)."""
+        return self.num_experts > 0 and layer not in self.dense_layers
+
+
+def _linear(name: str, out: int, inp: int, bias: bool = False) -> dict[str, tuple[int, ...]]:
+    shapes = {f"{name}.weight": (out, inp)}
+    if bias:
+        shapes[f"{name}.bias"] = (out,)
+    return shapes
+
+
+def _swiglu(prefix: str, hidden: int, inter: int) -> dict[str, tuple[int, ...]]:
+    return {
+        **_linear(f"{prefix}.gate_proj", inter, hidden),
+        **_linear(f"{prefix}.up_proj", inter, hidden),
+        **_linear(f"{prefix}.down_proj", hidden, inter),
+    }
+
+
+def layer_shapes(args: ModelArgs, layer: int) -> dict[str, tuple[int, ...]]:
+    """The tensors of decoder layer `layer`, named from inside the layer (`self_attn.q_proj.weight`)."""
+    H, D = args.hidden_size, args.head_dim
+    q, kv = args.num_heads * D, args.num_kv_heads * D
+    shapes = {
+        **_linear("self_attn.q_proj", q, H, args.qkv_bias),
+        **_linear("self_attn.k_proj", kv, H, args.qkv_bias),
+        **_linear("self_attn.v_proj", kv, H, args.qkv_bias),
+        **_linear("self_attn.o_proj", H, q),
+    }
+    if args.qk_norm == "head":
+        shapes |= {"self_attn.q_norm.weight": (D,), "self_attn.k_norm.weight": (D,)}
+    elif args.qk_norm == "projection":
+        shapes |= {"self_attn.q_norm.weight": (q,), "self_attn.k_norm.weight": (kv,)}
+    if args.is_moe_layer(layer):
+        E, inter = args.num_experts, args.moe_intermediate_size
+        shapes |= {
+            "mlp.experts.gate_up_proj": (E, 2 * inter, H),  # gate rows, then up rows
+            "mlp.experts.down_proj": (E, H, inter),
+            "mlp.gate.weight": (E, H),
+        }
+        if args.router_bias:
+            shapes["mlp.gate.e_score_correction_bias"] = (E,)
+        if args.shared_expert_intermediate_size:
+            name = f"mlp.{args.shared_expert_name}"
+            shapes |= _swiglu(name, H, args.shared_expert_intermediate_size)
+            if args.shared_expert_gate:
+                shapes |= _linear("mlp.shared_expert_gate", 1, H)
+    else:
+        shapes |= _swiglu("mlp", H, args.intermediate_size)
+    shapes |= {"input_layernorm.weight": (H,), "post_attention_layernorm.weight": (H,)}
+    return shapes
+
+
+def param_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """Every tensor of the model by its transformers name, with its global shape, in model order.
+
+    With tied embeddings there is no `lm_head.weight`: the head reuses the embedding.
+    """
+    shapes = {"model.embed_tokens.weight": (args.vocab_size, args.hidden_size)}
+    for i in range(args.num_layers):
+        shapes |= {f"model.layers.{i}.{n}": s for n, s in layer_shapes(args, i).items()}
+    shapes["model.norm.weight"] = (args.hidden_size,)
+    if not args.tie_word_embeddings:
+        shapes["lm_head.weight"] = (args.vocab_size, args.hidden_size)
+    return shapes
