@@ -162,6 +162,7 @@ def attention_sizes(cfg: Mapping[str, Any]) -> dict[str, Any]:
         "rms_norm_eps": cfg.get("rms_norm_eps", 1e-6),
         "max_position_embeddings": cfg.get("max_position_embeddings", 32768),
         "tie_word_embeddings": cfg.get("tie_word_embeddings", False),
+        "pad_token_id": cfg.get("pad_token_id"),
         **rope(cfg, head_dim),
     }
 

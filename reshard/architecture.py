@@ -46,6 +46,7 @@ class ModelArgs:
             held as `mlp.<shared_expert_name>`; `shared_expert_gate` scales it by
             sigmoid(mlp.shared_expert_gate(x)) (Qwen2-MoE).
         dense_layers: layers with a dense MLP of `intermediate_size` instead of experts.
+        pad_token_id: the embedding row that gets no gradient (transformers' padding_idx).
     """
 
     vocab_size: int
@@ -63,6 +64,7 @@ class ModelArgs:
     rotary_dim: int | None = None
     max_position_embeddings: int = 32768
     tie_word_embeddings: bool = False
+    pad_token_id: int | None = None
     qk_norm: str = "head"
     qkv_bias: bool = False
     clip_qkv: float | None = None
@@ -118,6 +120,8 @@ class ModelArgs:
             )
         if self.n_group > 1 and self.num_experts // self.n_group < 2:
             raise ValueError("group-limited top-k scores each group by its best 2 experts")
+        if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
+            raise ValueError(f"pad_token_id ({self.pad_token_id}) is outside the vocabulary")
         bad = [i for i in self.dense_layers if not 0 <= i < self.num_layers]
         if bad:
             raise ValueError(f"dense layers {bad} are outside [0, num_layers ({self.num_layers}))")

@@ -457,7 +457,8 @@ class Transformer(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.args = args
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        # padding_idx as transformers: the pad token's row gets no gradient
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size, args.pad_token_id)
         self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 

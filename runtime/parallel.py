@@ -246,6 +246,8 @@ def _tp_region(module: nn.Module, groups: ParallelGroups, sp: bool) -> None:
 def _vocab_parallel_embedding(embedding: nn.Embedding, groups: ParallelGroups, sp: bool) -> None:
     rows = embedding.weight.shape[0]
     start = C.group_rank(groups.tp) * rows
+    pad = embedding.padding_idx  # global; only the rank holding that row keeps it
+    embedding.padding_idx = pad - start if pad is not None and start <= pad < start + rows else None
     masks: list[torch.Tensor] = []
 
     def before(module, args):

@@ -33,6 +33,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers_cli import reshard_cmd
+from helpers_families import load_hf_model, write_checkpoint
 
 transformers = pytest.importorskip("transformers")
 
@@ -44,9 +45,12 @@ CONCURRENT_LAUNCHES = 2
 
 TINY = "tiny"
 HF_WRITTEN = "hf-written"
+# Families beside qwen3_moe, each a checkpoint transformers writes (tests/helpers_families.py).
+FAMILIES = ["qwen2_moe", "mixtral", "olmoe", "glm4_moe"]
 PROMPTS = {
     TINY: "Why is the sea blue? It reflects",  # 13 tokens of tiny's BPE
     HF_WRITTEN: "Why is the sky blue",  # 19 tokens: the tokenizer written below is byte-level
+    **{family: "Why is the sky blue" for family in FAMILIES},  # byte-level too
 }
 
 
@@ -76,6 +80,15 @@ CASES = [
     Case(HF_WRITTEN, "ep2", ("transformers", "streamed")),
     # 2 kv heads over tp4: every rank holds a repeated k/v head (4 ranks, where tiny needs tp8).
     Case(HF_WRITTEN, "tp4", ("transformers",), generate=False, why="tp > kv heads"),
+    *[
+        case
+        for family in FAMILIES
+        for case in (
+            Case(family, "tp2", ("transformers",)),
+            Case(family, "ep2tp2", ("transformers",), generate=False),
+            Case(family, "tp4-tp2ep", ("transformers",), why="shared experts beside EP on tp"),
+        )
+    ],
 ]
 VALIDATE = [(c, ref) for c in CASES for ref in c.references]
 GENERATE = [c for c in CASES if c.generate]
@@ -143,18 +156,21 @@ def hf_written_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def sources(tiny_dir, hf_written_dir) -> dict[str, tuple[str, Path]]:
+def sources(tiny_dir, hf_written_dir, tmp_path_factory) -> dict[str, tuple[str, Path]]:
     """source name -> (the --against / --src spec, the HF directory)."""
-    return {TINY: ("tiny:qwen3_moe", tiny_dir), HF_WRITTEN: (str(hf_written_dir), hf_written_dir)}
+    root = tmp_path_factory.mktemp("families")
+    families = {family: write_checkpoint(family, root / family) for family in FAMILIES}
+    return {
+        TINY: ("tiny:qwen3_moe", tiny_dir),
+        HF_WRITTEN: (str(hf_written_dir), hf_written_dir),
+        **{family: (str(d), d) for family, d in families.items()},
+    }
 
 
 @pytest.fixture(scope="module")
 def hf_models(sources) -> dict[str, torch.nn.Module]:
-    """The oracle: transformers' Qwen3MoeForCausalLM loaded from each source directory."""
-    return {
-        name: transformers.Qwen3MoeForCausalLM.from_pretrained(str(d), dtype=torch.float32).eval()
-        for name, (_, d) in sources.items()
-    }
+    """The oracle: transformers' own *ForCausalLM loaded from each source directory."""
+    return {name: load_hf_model(d) for name, (_, d) in sources.items()}
 
 
 def _tokenizer(directory: Path):
@@ -313,8 +329,8 @@ def test_validate_matches_reference(case, reference, launches, hf_models):
         assert 0 <= value <= TOL, (
             f"{case.id}: max abs diff of {what} is {value} (worst grad {result['worst_grad']})"
         )
-    n_params = len(list(hf_models[case.source].named_parameters()))
-    assert result["params_checked"] == n_params
+    # every tensor transformers saves: parameters and persistent buffers (router biases)
+    assert result["params_checked"] == len(hf_models[case.source].state_dict())
 
 
 @pytest.fixture(scope="module")
@@ -325,16 +341,20 @@ def hf_tokens_per_expert(hf_models) -> dict[str, list[list[int]]]:
 
     out = {}
     for name, model in hf_models.items():
-        cfg = model.config
-        with torch.no_grad():
-            routers = model(input_ids=fixed_batch(cfg.vocab_size), output_router_logits=True)
-        out[name] = [
-            torch.bincount(
-                logits_TE.topk(cfg.num_experts_per_tok, dim=-1).indices.reshape(-1),
-                minlength=cfg.num_experts,
-            ).tolist()
-            for logits_TE in routers.router_logits
+        picks: list[torch.Tensor] = []
+        # Every family's router returns (logits, weights, indices): count what it chose,
+        # group limits and score corrections included.
+        routers = [m for n, m in model.named_modules() if n.endswith(".mlp.gate")]
+        hooks = [
+            r.register_forward_hook(lambda m, a, out, picks=picks: picks.append(out[2]))
+            for r in routers
         ]
+        with torch.no_grad():
+            model(input_ids=fixed_batch(model.config.vocab_size))
+        for hook in hooks:
+            hook.remove()
+        experts = routers[0].weight.shape[0]
+        out[name] = [torch.bincount(p.reshape(-1), minlength=experts).tolist() for p in picks]
     return out
 
 

@@ -1,0 +1,258 @@
+"""Every supported family against transformers' own model, on tiny checkpoints transformers writes.
+
+- The parameter table (`param_shapes`), the runtime model and transformers agree on every
+  tensor's name and shape, and conversion builds no model to learn them.
+- The single-device runtime model gives transformers' logits, loss and every gradient.
+- Every rank file of tp2, ep2tp2 and tp4-tp2ep equals `distribute_tensor` of the tensor
+  transformers loads, with placements written out here from DESIGN.md's table (not read from
+  the product), on real gloo ranks.
+- The runtime refuses a manifest whose placements it does not run (the manifest is the
+  contract between convert and run; there is no second copy of the plan to drift).
+
+The parallel forward and generation are held to transformers in test_runtime_parity.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from helpers_dist import run_on_ranks
+from helpers_families import FAMILIES, build_model, hf_state, write_checkpoint
+from safetensors.torch import save_file
+from test_placements import _rank_checks_file, parse_layout, placement_text
+
+from reshard.architecture import param_shapes
+from reshard.convert import convert, make_plan
+from reshard.converters import get_spec, supported_model_types
+from reshard.errors import CheckpointError
+from reshard.layout import Layout
+from reshard.manifest import load_manifest
+from reshard.placements import Replicate, Shard
+from reshard.runtime.model import CausalLM, causal_lm_loss, meta_model
+from reshard.runtime.parallel import ParallelGroups, parallelize
+from reshard.sources import open_source
+
+pytest.importorskip("transformers")
+
+NEW = ["qwen2_moe", "mixtral", "olmoe", "glm4_moe"]
+LAYOUTS = ["tp2", "ep2tp2", "tp4-tp2ep"]
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("families")
+    return {name: write_checkpoint(name, root / name) for name in FAMILIES}
+
+
+def _args(model_type: str, directory: Path):
+    config = json.loads((directory / "config.json").read_text())
+    return get_spec(model_type).parse_config(config)
+
+
+def test_every_family_here_is_supported_and_every_supported_one_is_here():
+    assert sorted(FAMILIES) == supported_model_types()
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_param_table_runtime_model_and_transformers_agree(model_type, written):
+    args = _args(model_type, written[model_type])
+    want = {name: tuple(t.shape) for name, t in hf_state(build_model(model_type)).items()}
+    assert param_shapes(args) == want
+    ours = {name: tuple(t.shape) for name, t in meta_model(args).state_dict().items()}
+    assert ours == want
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_conversion_builds_no_model(model_type, written, monkeypatch):
+    import reshard.runtime.model as runtime_model
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("conversion built the runtime model")
+
+    monkeypatch.setattr(runtime_model.CausalLM, "__init__", refuse)
+    plan = make_plan(open_source(str(written[model_type])), Layout.parse("ep2tp2"))
+    assert sorted(plan.params) == sorted(param_shapes(plan.args))
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_single_device_model_matches_transformers(model_type, written):
+    hf = build_model(model_type)
+    ours = CausalLM(_args(model_type, written[model_type])).eval()
+    ours.load_state_dict(hf_state(hf), strict=True)
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, hf.config.vocab_size, (2, 11), generator=g)
+    out = hf(input_ids=ids, labels=ids)
+    logits = ours(ids)
+    loss = causal_lm_loss(logits, ids)
+    assert (logits - out.logits).abs().max().item() < 1e-5
+    assert abs(loss.item() - out.loss.item()) < 1e-5
+    out.loss.backward()
+    loss.backward()
+    mine = dict(ours.named_parameters())
+    for name, p in hf.named_parameters():
+        assert (mine[name].grad - p.grad).abs().max().item() < 1e-5, name
+
+
+# --- every rank file against distribute_tensor ---------------------------------------------------
+
+
+def tp_placement(name: str, tp2ep: bool, model_type: str) -> tuple:
+    """What the tp mesh dim does to tensor `name`, from DESIGN.md's table of styles."""
+    if name.endswith("mlp.experts.gate_up_proj"):  # [E, 2I, H]
+        return ("shard", 0) if tp2ep else ("strided", 1, 2)
+    if name.endswith("mlp.experts.down_proj"):  # [E, H, I]
+        return ("shard", 0) if tp2ep else ("shard", 2)
+    if re.search(r"self_attn\.[qkv]_proj\.(weight|bias)$", name):
+        return ("shard", 0)  # colwise: weight rows, bias entries
+    if re.search(r"self_attn\.[qk]_norm\.weight$", name) and model_type == "olmoe":
+        return ("shard", 0)  # over the whole projection: split with it
+    if re.search(r"(self_attn\.o_proj|down_proj)\.weight$", name):
+        return ("shard", 1)  # rowwise: dense and shared-expert down projections too
+    if re.search(r"(gate_proj|up_proj)\.weight$", name):
+        return ("shard", 0)
+    if name in ("model.embed_tokens.weight", "lm_head.weight"):
+        return ("shard", 0)
+    return ("replicate",)  # norms, router weight and bias, shared_expert_gate
+
+
+def expected_placements(name: str, layout: str, model_type: str) -> list[tuple]:
+    names, _, flags = parse_layout(layout)
+    out = []
+    for dim in names:
+        if dim == "tp":
+            out.append(tp_placement(name, "tp2ep" in flags, model_type))
+        elif dim == "ep" and ".mlp.experts." in name:
+            out.append(("shard", 0))
+        else:
+            out.append(("replicate",))
+    return out
+
+
+@pytest.fixture(scope="module")
+def converted(written, tmp_path_factory) -> dict[tuple[str, str], Path]:
+    out = {}
+    for model_type in NEW:
+        for layout in LAYOUTS:
+            directory = tmp_path_factory.mktemp(f"{model_type}-{layout}")
+            plan = make_plan(open_source(str(written[model_type])), Layout.parse(layout))
+            convert(plan, directory, progress=False)
+            out[model_type, layout] = directory
+    return out
+
+
+@pytest.fixture(scope="module")
+def oracle_files(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("family-oracles")
+    out = {}
+    for model_type in NEW:
+        out[model_type] = root / f"{model_type}.safetensors"
+        state = {k: v.contiguous() for k, v in hf_state(build_model(model_type)).items()}
+        save_file(state, str(out[model_type]))
+    return out
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("model_type", NEW)
+def test_manifest_placements_match_design_table(model_type, layout, converted):
+    manifest = json.loads((converted[model_type, layout] / "reshard.json").read_text())
+    assert manifest["model_type"] == model_type
+    for name, entry in manifest["params"].items():
+        want = [placement_text(p) for p in expected_placements(name, layout, model_type)]
+        assert entry["placements"] == want, name
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("model_type", NEW)
+def test_every_rank_file_matches_distribute_tensor(model_type, layout, converted, oracle_files):
+    names, shape, _ = parse_layout(layout)
+    world = 1
+    for s in shape:
+        world *= s
+    state = hf_state(build_model(model_type))
+    expected = {name: expected_placements(name, layout, model_type) for name in state}
+    results = run_on_ranks(
+        _rank_checks_file,
+        world,
+        str(converted[model_type, layout]),
+        str(oracle_files[model_type]),
+        names,
+        shape,
+        expected,
+        1,  # tp <= kv heads in every layout here
+        timeout_s=150,
+    )
+    for rank, result in enumerate(results):
+        assert result["problems"] == [], f"rank {rank}"
+        assert result["keys"] == sorted(state), f"rank {rank}"
+
+
+def test_glm4_multi_token_prediction_layers_are_dropped(written, tmp_path):
+    """GLM-4.5 ships its MTP layer as layer `num_hidden_layers`; transformers drops it, so do we."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    src = Path(shutil.copytree(written["glm4_moe"], tmp_path / "src"))
+    (file,) = src.glob("*.safetensors")
+    tensors = load_file(str(file))
+    layers = json.loads((src / "config.json").read_text())["num_hidden_layers"]
+    tensors[f"model.layers.{layers}.eh_proj.weight"] = torch.ones(4, 4)
+    save_file(tensors, str(file), metadata={"format": "pt"})
+    plan = make_plan(open_source(str(src)), Layout.parse("tp2"))
+    assert not [n for n in plan.params if n.startswith(f"model.layers.{layers}.")]
+    # ... and only past the configured layers: an unknown tensor inside them is still an error.
+    tensors["model.layers.0.eh_proj.weight"] = torch.ones(4, 4)
+    save_file(tensors, str(file), metadata={"format": "pt"})
+    with pytest.raises(Exception, match=r"no converter maps: model\.layers\.0\.eh_proj\.weight"):
+        make_plan(open_source(str(src)), Layout.parse("tp2"))
+
+
+# --- the manifest is the contract ----------------------------------------------------------------
+
+
+def _wire(directory: Path, params) -> None:
+    """parallelize() a meta model for `directory`'s layout with these placements (no groups:
+    only the decisions run, no collective)."""
+    manifest = load_manifest(directory)
+    args = get_spec(manifest.model_type).parse_config(manifest.config)
+    layout = manifest.parsed_layout
+    parallelize(meta_model(args), layout, ParallelGroups(layout=layout, rank=0), params)
+
+
+@pytest.mark.parametrize("model_type", NEW)
+def test_runtime_reads_every_placement_the_manifest_records(model_type, converted):
+    directory = converted[model_type, "ep2tp2"]
+    params = load_manifest(directory).param_plans()
+    _wire(directory, params)  # as converted: accepted
+
+
+@pytest.mark.parametrize(
+    "name, placements, error",
+    [
+        # the router split over tp: the runtime routes with the whole router on every rank
+        ("model.layers.1.mlp.gate.weight", (Replicate(), Shard(0)), "cannot run Shard"),
+        # only q split: heads would not line up with k and v
+        (
+            "model.layers.0.self_attn.k_proj.weight",
+            (Replicate(), Replicate()),
+            "splits only some of",
+        ),
+        # experts kept whole over ep: the runtime would route tokens to experts it lacks
+        (
+            "model.layers.1.mlp.experts.down_proj",
+            (Replicate(), Shard(2)),
+            "experts split over no dims",
+        ),
+    ],
+)
+def test_runtime_refuses_placements_it_does_not_run(name, placements, error, converted):
+    directory = converted["qwen2_moe", "ep2tp2"]
+    params = load_manifest(directory).param_plans()
+    params[name] = dataclasses.replace(params[name], placements=placements)
+    with pytest.raises(CheckpointError, match=error):
+        _wire(directory, params)
