@@ -327,6 +327,39 @@ class RepeatBlocks(LazyTensor):
         return torch.cat(pieces, dim=self.dim)
 
 
+class Assembled(LazyTensor):
+    """A global tensor stored as pieces in several files (a sharded checkpoint's rank files).
+
+    `pieces`: (global box, the leaf holding exactly that box). Together they must cover the
+    tensor once; a read takes from each piece only the part inside the box asked for.
+    """
+
+    def __init__(
+        self, shape: tuple[int, ...], dtype: torch.dtype, pieces: Sequence[tuple[Box, LazyTensor]]
+    ):
+        self.shape, self.dtype, self.pieces = tuple(shape), dtype, list(pieces)
+        covered = sum(math.prod(b - a for a, b in box) for box, _ in self.pieces)
+        if covered != math.prod(self.shape):
+            raise SourceError(
+                f"pieces cover {covered:,} of the {math.prod(self.shape):,} elements of a "
+                f"{list(self.shape)} tensor"
+            )
+
+    def children(self) -> Sequence[LazyTensor]:
+        return [leaf for _, leaf in self.pieces]
+
+    def read(self, box: Box) -> torch.Tensor:
+        out = torch.empty([b - a for a, b in box], dtype=self.dtype)
+        for piece, leaf in self.pieces:
+            inside = [(max(a, pa), min(b, pb)) for (a, b), (pa, pb) in zip(box, piece)]
+            if any(a >= b for a, b in inside):
+                continue
+            local = tuple((a - pa, b - pa) for (a, b), (pa, _) in zip(inside, piece))
+            into = tuple(slice(a - ba, b - ba) for (a, b), (ba, _) in zip(inside, box))
+            out[into] = leaf.read(local)
+        return out
+
+
 class Cast(LazyTensor):
     """`child.to(dtype)`, applied per box so no full copy is made."""
 

@@ -48,6 +48,7 @@ def cli() -> None:
       reshard convert --src tiny:qwen3_moe --layout ep2tp2 --out tiny-ep2tp2
       reshard plan --src hf:Qwen/Qwen3-30B-A3B --layout ep4tp4
       reshard verify tiny-ep2tp2 --against tiny:qwen3_moe
+      reshard export tiny-ep2tp2 --out tiny-hf
     """
 
 
@@ -87,6 +88,7 @@ def convert(
       reshard convert --src hf:Qwen/Qwen3-30B-A3B --layout ep4tp4 --out q3-ep4tp4 --dtype bf16 --workers 8
       reshard convert --src ./Qwen3-30B-A3B --layout tp4-tp2ep --out q3-tp4-tp2ep
       reshard convert --src tiny:qwen3_moe --layout tp4 --out tiny-ep2tp2 --overwrite
+      reshard convert --src tiny-ep2tp2 --layout tp2 --out tiny-tp2      # reshard a sharded one
 
     Interrupting is safe: nothing looks finished before the manifest, and the
     next run keeps every rank file that was complete. Two runs into the same
@@ -107,6 +109,45 @@ def convert(
     click.echo(
         f"wrote {manifest.world_size} rank files ({human_bytes(total)}) for {manifest.layout} to {out}"
     )
+
+
+@cli.command()
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option(
+    "--out", required=True, type=click.Path(path_type=Path), help="Output directory (created)."
+)
+@click.option(
+    "--max-shard-size",
+    default="50GB",
+    show_default=True,
+    help="Largest weight file, as save_pretrained takes it (e.g. 5GB); above it, an index.",
+)
+@quiet_option
+def export(directory: Path, out: Path, max_shard_size: str, quiet: bool) -> None:
+    """Write a sharded checkpoint back to the Hugging Face format of its family.
+
+    Fused experts are split back into per-expert tensors under the names the
+    family's checkpoints use, files and index follow save_pretrained, and
+    config/tokenizer files are copied: transformers loads the result, and every
+    tensor equals the original bit for bit. Rank files are hash-checked first.
+
+    \b
+    Examples:
+      reshard export tiny-ep2tp2 --out tiny-hf
+      reshard export q3-ep4tp4 --out Qwen3-30B-A3B-hf --max-shard-size 5GB
+    """
+    from huggingface_hub.serialization._base import parse_size_to_int
+
+    from reshard.export import export as run_export
+    from reshard.modelcard import human_bytes
+
+    try:
+        limit = parse_size_to_int(max_shard_size)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--max-shard-size") from e
+    files = run_export(directory, out, max_shard_size=limit, progress=_progress(quiet))
+    total = sum(f.stat().st_size for f in files)
+    click.echo(f"wrote {len(files)} safetensors files ({human_bytes(total)}) to {out}")
 
 
 @cli.command()

@@ -379,6 +379,8 @@ def convert(
 
     out = Path(out)
     world = plan.layout.world_size
+    if os.path.realpath(out) == os.path.realpath(plan.source.path):
+        raise OutputError(f"--out {out}: is the source; write the new layout to another directory")
     _check_out(out, plan.layout, overwrite)
     with _locked(out):
         try:

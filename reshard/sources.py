@@ -15,7 +15,14 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from reshard.converters.lazy import SliceReader, SourceTensor
+from reshard.converters.lazy import (
+    Assembled,
+    Cat,
+    LazyTensor,
+    Narrow,
+    SliceReader,
+    SourceTensor,
+)
 from reshard.errors import SourceError
 from reshard.safetensors_header import read_header, shown
 from reshard.writer import sha256_file
@@ -42,7 +49,7 @@ class Source:
     path: Path
     config: dict
     files: list[Path]
-    tensors: dict[str, SourceTensor]
+    tensors: dict[str, LazyTensor]
     reader: SliceReader = field(default_factory=SliceReader)
     repo: str | None = None
     revision: str | None = None
@@ -234,6 +241,8 @@ def open_source(text: str) -> Source:
             raise SourceError(f"{text}: not a directory (give the checkpoint's directory)")
     if not (path / "config.json").is_file():
         raise SourceError(f"{path}: no config.json; not a Hugging Face checkpoint directory")
+    if (path / "reshard.json").is_file():
+        return _open_sharded(text, path)
     config = _read_json(path / "config.json")
     if not isinstance(config.get("model_type"), str):
         raise SourceError(f"{path / 'config.json'}: no model_type; which model is this?")
@@ -247,4 +256,71 @@ def open_source(text: str) -> Source:
         reader=reader,
         repo=repo,
         revision=revision or None,
+    )
+
+
+def _window(leaf: LazyTensor, box: tuple[tuple[int, int], ...]) -> LazyTensor:
+    for dim, (start, stop) in enumerate(box):
+        if (start, stop) != (0, leaf.shape[dim]):
+            leaf = Narrow(leaf, dim, start, stop - start)
+    return leaf
+
+
+def _unrepeat(t: LazyTensor, block: int, repeats: int) -> LazyTensor:
+    """The k/v tensor before its heads were repeated for tp > kv heads: every `repeats`-th block."""
+    heads = t.shape[0] // (block * repeats)
+    return Cat([Narrow(t, 0, j * repeats * block, block) for j in range(heads)], dim=0)
+
+
+def _open_sharded(text: str, path: Path) -> Source:
+    """A `reshard convert` output as a source: each tensor assembled lazily from the rank files
+    that hold its pieces, so resharding reads only the bytes each new rank needs.
+
+    Every rank file's sha256 is checked against the manifest first: resharding damaged files
+    would hand the damage on under fresh, valid hashes.
+    """
+    from reshard.checkpoint import ShardedCheckpoint
+    from reshard.converters import get_spec
+    from reshard.errors import ReshardError
+    from reshard.placements import boxes, selection_shape
+
+    try:
+        ckpt = ShardedCheckpoint(path)
+        for rank in range(ckpt.layout.world_size):
+            ckpt.check_rank_file(rank)
+        head_dim = get_spec(ckpt.manifest.model_type).parse_config(ckpt.manifest.config).head_dim
+    except (ReshardError, KeyError, ValueError, TypeError) as e:
+        raise SourceError(f"{text}: not a usable sharded checkpoint: {e}") from e
+    reader = SliceReader()
+    files = [ckpt.rank_path(r) for r in range(ckpt.layout.world_size)]
+    tensors: dict[str, LazyTensor] = {}
+    for name, p in ckpt.params.items():
+        pieces: dict[tuple, LazyTensor] = {}  # replicas hold the same piece: read it once
+        for rank, file in enumerate(files):
+            selection = ckpt.selection(name, rank)
+            local = SourceTensor(
+                path=str(file),
+                name=name,
+                shape=selection_shape(selection),
+                dtype=p.dtype,
+                reader=reader,
+            )
+            for global_slices, local_slices in boxes(selection):
+                key = tuple((s.start, s.stop) for s in global_slices)
+                if key not in pieces:
+                    box = tuple((s.start, s.stop) for s in local_slices)
+                    pieces[key] = _window(local, box)
+        tensor: LazyTensor = Assembled(p.shape, p.dtype, list(pieces.items()))
+        if p.head_repeat > 1:
+            tensor = _unrepeat(tensor, head_dim, p.head_repeat)
+        tensors[name] = tensor
+    hashes = {f.name: ckpt.manifest.ranks[r].sha256 for r, f in enumerate(files)}
+    return Source(
+        text=text,
+        path=path,
+        config=ckpt.manifest.config,
+        files=files,
+        tensors=tensors,
+        reader=reader,
+        _hashes=hashes,
     )

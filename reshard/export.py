@@ -1,0 +1,106 @@
+"""Export a sharded checkpoint back to the Hugging Face format its family's checkpoints use.
+
+    reshard export q3-ep4tp4 --out Qwen3-30B-A3B-hf
+
+Every target tensor goes back through its converters read in reverse (fused experts split
+into per-expert Linears, mixtral's `mlp.` renamed back to `block_sparse_moe.`), lazily, so
+each file is written from the rank files' bytes without building the model. Files follow
+`save_pretrained`: `model.safetensors`, or `model-0000K-of-0000N.safetensors` plus
+`model.safetensors.index.json` above `--max-shard-size` (transformers' default, 50GB),
+split by huggingface_hub's own policy. transformers loads the result, and every tensor is
+the original's, bit for bit.
+
+The export is written into a temporary directory beside `--out` and renamed into place
+last: an interrupted export leaves nothing that looks like a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+from huggingface_hub.serialization import split_state_dict_into_shards_factory
+from tqdm import tqdm
+
+from reshard.converters import get_spec
+from reshard.converters.lazy import LazyTensor
+from reshard.errors import OutputError, SourceError
+from reshard.sources import open_source
+from reshard.writer import ShardWriter, atomic_write_bytes, atomic_write_text, fsync_dir
+
+DEFAULT_MAX_SHARD_SIZE = "50GB"  # transformers 5.x save_pretrained
+
+
+def _natural(name: str) -> list:
+    """Sort key: model.layers.2 before model.layers.10."""
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+def _nbytes(t: LazyTensor) -> int:
+    import torch
+
+    return torch.empty((), dtype=t.dtype).element_size() * int(torch.Size(t.shape).numel())
+
+
+def hf_tensors(directory: str | Path) -> tuple[dict[str, LazyTensor], object]:
+    """The checkpoint's tensors under the HF names of its family, lazily; and its source."""
+    source = open_source(str(directory))
+    if not (source.path / "reshard.json").is_file():
+        raise SourceError(f"{directory}: not a sharded checkpoint (no reshard.json)")
+    tensors = get_spec(source.model_type).to_sources(source.tensors)
+    return {name: tensors[name] for name in sorted(tensors, key=_natural)}, source
+
+
+def export(
+    directory: str | Path,
+    out: Path,
+    *,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    progress: bool = True,
+) -> list[Path]:
+    """Write `directory` (a `reshard convert` output) to `out` in HF format; return the files."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise OutputError(f"--out {out}: exists and is not an empty directory")
+    tensors, source = hf_tensors(directory)
+    split = split_state_dict_into_shards_factory(
+        tensors,
+        get_storage_size=_nbytes,
+        filename_pattern="model{suffix}.safetensors",
+        max_shard_size=max_shard_size,
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.export-{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        bar = tqdm(
+            total=sum(_nbytes(t) for t in tensors.values()),
+            unit="B",
+            unit_scale=True,
+            desc="export",
+            disable=not progress,
+        )
+        with bar, source.reader.session():
+            for filename, names in split.filename_to_tensors.items():
+                entries = [(n, tensors[n].dtype, tuple(tensors[n].shape)) for n in names]
+                with ShardWriter(tmp / filename, entries, {"format": "pt"}) as writer:
+                    for name in names:
+                        writer.write(name, tensors[name].materialize().contiguous())
+                        bar.update(_nbytes(tensors[name]))
+        if split.is_sharded:
+            index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+            atomic_write_text(tmp / "model.safetensors.index.json", json.dumps(index, indent=2))
+        for f in source.side_files():
+            atomic_write_bytes(tmp / f.name, f.read_bytes())
+        fsync_dir(tmp)
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        os.rename(tmp, out)
+        fsync_dir(out.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return sorted(p for p in out.iterdir() if p.suffix == ".safetensors")
