@@ -206,7 +206,12 @@ def _hub_snapshot(repo: str, revision: str | None) -> Path:
 
     name = f"hf:{repo}" + (f"@{revision}" if revision else "")
     try:
-        return Path(snapshot_download(repo, revision=revision, allow_patterns=_HUB_PATTERNS))
+        # Top-level files only: repos such as Llama's keep other formats under original/.
+        return Path(
+            snapshot_download(
+                repo, revision=revision, allow_patterns=_HUB_PATTERNS, ignore_patterns=["*/*"]
+            )
+        )
     except LocalEntryNotFoundError as e:
         why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the Hub cannot be reached"
         raise SourceError(
@@ -230,6 +235,7 @@ def open_source(text: str) -> Source:
     elif text.startswith("hf:"):
         repo, _, revision = text[len("hf:") :].partition("@")
         path = _hub_snapshot(repo, revision or None)
+        revision = path.name  # the snapshot directory is named by the commit sha it resolved to
     else:
         path = Path(text).expanduser()
         if not path.exists():

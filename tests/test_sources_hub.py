@@ -36,10 +36,16 @@ def hub_cache(tmp_path_factory) -> Path:
     (repo / "refs" / "main").write_text(COMMIT)
     snapshot = repo / "snapshots" / COMMIT
     snapshot.mkdir(parents=True)
-    for f in src.iterdir():
+    (src / "original").mkdir()  # another format's copy, as Llama repos ship: never read
+    (src / "original" / "consolidated.safetensors").write_bytes(b"not for reshard")
+    for f in src.rglob("*"):
+        if f.is_dir():
+            continue
         blob = repo / "blobs" / _sha256(f)
         blob.write_bytes(f.read_bytes())
-        (snapshot / f.name).symlink_to(os.path.relpath(blob, snapshot))
+        link = snapshot / f.relative_to(src)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
     return cache
 
 
@@ -66,6 +72,7 @@ def test_convert_from_hub_cache_offline(hub_cache, tmp_path):
     assert result.returncode == 0, result.stderr
     manifest = json.loads((out / "reshard.json").read_text())
     assert manifest["source"]["repo"] == "org/tiny"
+    assert manifest["source"]["revision"] == COMMIT  # `main` resolved to the commit it named
     snapshot = hub_cache / "models--org--tiny" / "snapshots" / COMMIT
     weights = sorted(snapshot.glob("*.safetensors"))
     assert len(weights) == 2
