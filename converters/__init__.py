@@ -40,9 +40,9 @@ __all__ = [
 
 
 def _registry() -> dict[str, ModelSpec]:
-    from reshard.converters import glm4_moe, mixtral, olmoe, qwen2_moe, qwen3_moe
+    from reshard.converters import glm4_moe, llama4_text, mixtral, olmoe, qwen2_moe, qwen3_moe
 
-    families = (qwen3_moe, qwen2_moe, mixtral, olmoe, glm4_moe)
+    families = (qwen3_moe, qwen2_moe, mixtral, olmoe, glm4_moe, llama4_text)
     return {family.SPEC.model_type: family.SPEC for family in families}
 
 

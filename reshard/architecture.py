@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-QK_NORMS = ("none", "head", "projection")
+QK_NORMS = ("none", "head", "projection", "l2")
 ROUTERS = ("softmax", "sigmoid")
 
 
@@ -34,8 +34,14 @@ class ModelArgs:
 
     Attributes, beyond the usual sizes:
         qk_norm: "head" normalises q and k per head (Qwen3, weight [head_dim]);
-            "projection" over the whole q / k projection (OLMoE, weight [heads * head_dim]).
-        qkv_bias: q/k/v projections have biases (Qwen2-MoE, GLM-4.5).
+            "projection" over the whole q / k projection (OLMoE, weight [heads * head_dim]);
+            "l2": per head, no weight, after RoPE, on RoPE layers only (Llama 4).
+        qkv_bias: q/k/v projections have biases (Qwen2-MoE, GLM-4.5); o_bias: o_proj too.
+        rope_interleaved: RoPE rotates pairs (2i, 2i+1) (Llama 4), not the two halves.
+        nope_layers: layers without RoPE (Llama 4); `attn_temperature` = (floor_scale,
+            attn_scale) scales their queries by log1p(floor((pos + 1) / floor_scale)) *
+            attn_scale + 1.
+        chunked_layers: layers whose tokens attend only within `attention_chunk_size` chunks.
         clip_qkv: clamp q, k, v to [-clip, clip] after the projections (OLMoE), or None.
         rotary_dim: how many leading dims of each head RoPE rotates (GLM's partial RoPE).
         router: "softmax" over all experts, then top-k; or "sigmoid" scores with a
@@ -46,6 +52,11 @@ class ModelArgs:
             held as `mlp.<shared_expert_name>`; `shared_expert_gate` scales it by
             sigmoid(mlp.shared_expert_gate(x)) (Qwen2-MoE).
         dense_layers: layers with a dense MLP of `intermediate_size` instead of experts.
+        expert_input_scaling: routing weights scale the experts' input, not their output
+            (Llama 4).
+        experts_transposed: expert weights stored [E, H, 2I] and [E, I, H] (Llama 4), not
+            transformers v5's [E, 2I, H] and [E, H, I].
+        mlp_name / router_name: the MLP block's and the router's module names.
         pad_token_id: the embedding row that gets no gradient (transformers' padding_idx).
     """
 
@@ -67,6 +78,12 @@ class ModelArgs:
     pad_token_id: int | None = None
     qk_norm: str = "head"
     qkv_bias: bool = False
+    o_bias: bool = False
+    rope_interleaved: bool = False
+    nope_layers: tuple[int, ...] = ()
+    attn_temperature: tuple[float, float] | None = None
+    chunked_layers: tuple[int, ...] = ()
+    attention_chunk_size: int | None = None
     clip_qkv: float | None = None
     router: str = "softmax"
     norm_topk_prob: bool = False
@@ -78,6 +95,10 @@ class ModelArgs:
     shared_expert_name: str = "shared_expert"
     shared_expert_gate: bool = False
     dense_layers: tuple[int, ...] = field(default=())
+    expert_input_scaling: bool = False
+    experts_transposed: bool = False
+    mlp_name: str = "mlp"
+    router_name: str = "gate"
 
     def __post_init__(self) -> None:
         for name in (
@@ -94,7 +115,10 @@ class ModelArgs:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} ({value!r}) must be a positive integer")
-        object.__setattr__(self, "dense_layers", tuple(sorted(set(self.dense_layers))))
+        for name in ("dense_layers", "nope_layers", "chunked_layers"):
+            object.__setattr__(self, name, tuple(sorted(set(getattr(self, name)))))
+        if self.chunked_layers and not (self.attention_chunk_size or 0) > 0:
+            raise ValueError("chunked attention layers need a positive attention_chunk_size")
         if self.rotary_dim is None:
             object.__setattr__(self, "rotary_dim", self.head_dim)
         if self.num_heads % self.num_kv_heads:
@@ -164,28 +188,30 @@ def layer_shapes(args: ModelArgs, layer: int) -> dict[str, tuple[int, ...]]:
         **_linear("self_attn.q_proj", q, H, args.qkv_bias),
         **_linear("self_attn.k_proj", kv, H, args.qkv_bias),
         **_linear("self_attn.v_proj", kv, H, args.qkv_bias),
-        **_linear("self_attn.o_proj", H, q),
+        **_linear("self_attn.o_proj", H, q, args.o_bias),
     }
     if args.qk_norm == "head":
         shapes |= {"self_attn.q_norm.weight": (D,), "self_attn.k_norm.weight": (D,)}
     elif args.qk_norm == "projection":
         shapes |= {"self_attn.q_norm.weight": (q,), "self_attn.k_norm.weight": (kv,)}
+    mlp = args.mlp_name
     if args.is_moe_layer(layer):
         E, inter = args.num_experts, args.moe_intermediate_size
-        shapes |= {
-            "mlp.experts.gate_up_proj": (E, 2 * inter, H),  # gate rows, then up rows
-            "mlp.experts.down_proj": (E, H, inter),
-            "mlp.gate.weight": (E, H),
-        }
+        if args.experts_transposed:
+            experts = {"gate_up_proj": (E, H, 2 * inter), "down_proj": (E, inter, H)}
+        else:  # gate rows, then up rows
+            experts = {"gate_up_proj": (E, 2 * inter, H), "down_proj": (E, H, inter)}
+        shapes |= {f"{mlp}.experts.{n}": s for n, s in experts.items()}
+        shapes[f"{mlp}.{args.router_name}.weight"] = (E, H)
         if args.router_bias:
-            shapes["mlp.gate.e_score_correction_bias"] = (E,)
+            shapes[f"{mlp}.{args.router_name}.e_score_correction_bias"] = (E,)
         if args.shared_expert_intermediate_size:
-            name = f"mlp.{args.shared_expert_name}"
+            name = f"{mlp}.{args.shared_expert_name}"
             shapes |= _swiglu(name, H, args.shared_expert_intermediate_size)
             if args.shared_expert_gate:
-                shapes |= _linear("mlp.shared_expert_gate", 1, H)
+                shapes |= _linear(f"{mlp}.shared_expert_gate", 1, H)
     else:
-        shapes |= _swiglu("mlp", H, args.intermediate_size)
+        shapes |= _swiglu(mlp, H, args.intermediate_size)
     shapes |= {"input_layernorm.weight": (H,), "post_attention_layernorm.weight": (H,)}
     return shapes
 

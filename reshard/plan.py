@@ -12,6 +12,8 @@ transformers' registry so a plan copied from a transformers config works.
 | colwise_gather_output    | lm_head [V, H]               | Shard(0)                  | Replicate                  |
 | moe_tp_gate_up_colwise   | experts.gate_up_proj [E,2I,H]| _StridedShard(-2, sf=2)   | -                          |
 | moe_tp_down_rowwise      | experts.down_proj [E, H, I]  | Shard(-1)                 | -                          |
+| moe_tp_gate_up_colwise_t | gate_up_proj [E, H, 2I]      | _StridedShard(-1, sf=2)   | -                          |
+| moe_tp_down_rowwise_t    | down_proj [E, I, H]          | Shard(-2)                 | -                          |
 | grouped_gemm             | expert tensors               | -                         | Shard(0)                   |
 | replicate                | norms, router                | Replicate                 | Replicate                  |
 
@@ -36,6 +38,9 @@ TP_STYLES = {
     "colwise_gather_output": lambda ndim: Shard(0),
     "moe_tp_gate_up_colwise": lambda ndim: StridedShard(-2, 2),
     "moe_tp_down_rowwise": lambda ndim: Shard(-1),
+    # Llama 4 stores its experts transposed: the same splits, on the other dims.
+    "moe_tp_gate_up_colwise_t": lambda ndim: StridedShard(-1, 2),
+    "moe_tp_down_rowwise_t": lambda ndim: Shard(-2),
     "replicate": lambda ndim: Replicate(),
 }
 # Styles that split the expert list over the expert-parallel dims.

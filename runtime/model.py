@@ -62,7 +62,11 @@ class RMSNorm(nn.Module):
 
 
 def rope_cos_sin(
-    positions_T: torch.Tensor, rotary_dim: int, theta: float, dtype: torch.dtype
+    positions_T: torch.Tensor,
+    rotary_dim: int,
+    theta: float,
+    dtype: torch.dtype,
+    interleaved: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Default RoPE tables for the given positions, over the first `rotary_dim` dims of a head.
 
@@ -70,7 +74,8 @@ def rope_cos_sin(
     a buffer would be cast by ``model.to(bfloat16)`` and lost on meta-device init.
 
     Returns:
-        ``(cos_TR, sin_TR)`` in ``dtype``, each half repeated (rotate-half convention).
+        ``(cos_TR, sin_TR)`` in ``dtype``: each half repeated (rotate-half convention), or
+        each frequency twice in a row (``interleaved``: pairs (2i, 2i + 1), Llama 4).
     """
     inv_freq = 1.0 / (
         theta
@@ -80,17 +85,32 @@ def rope_cos_sin(
         )
     )
     freqs_TR = positions_T.float()[:, None] * inv_freq[None, :]
-    emb_TR = torch.cat((freqs_TR, freqs_TR), dim=-1)
+    if interleaved:
+        emb_TR = freqs_TR.repeat_interleave(2, dim=-1)
+    else:
+        emb_TR = torch.cat((freqs_TR, freqs_TR), dim=-1)
     return emb_TR.cos().to(dtype), emb_TR.sin().to(dtype)
 
 
-def apply_rope(x_BNTD: torch.Tensor, cos_TR: torch.Tensor, sin_TR: torch.Tensor) -> torch.Tensor:
+def apply_rope(
+    x_BNTD: torch.Tensor, cos_TR: torch.Tensor, sin_TR: torch.Tensor, interleaved: bool = False
+) -> torch.Tensor:
     """Rotate the first R dims of each head (all of them unless RoPE is partial)."""
     R = cos_TR.shape[-1]
     x_BNTR, x_pass = x_BNTD[..., :R], x_BNTD[..., R:]
-    half = R // 2
-    rotated = torch.cat((-x_BNTR[..., half:], x_BNTR[..., :half]), dim=-1)
+    if interleaved:  # pair (2i, 2i + 1) -> (-x[2i + 1], x[2i])
+        pairs = x_BNTR.unflatten(-1, (-1, 2))
+        rotated = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+    else:
+        half = R // 2
+        rotated = torch.cat((-x_BNTR[..., half:], x_BNTR[..., :half]), dim=-1)
     return torch.cat((x_BNTR * cos_TR + rotated * sin_TR, x_pass), dim=-1)
+
+
+def l2_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMS normalisation without a weight, in fp32 (Llama 4's qk norm)."""
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 class KVCache:
@@ -146,11 +166,16 @@ class Attention(nn.Module):
         self.head_dim = args.head_dim
         self.clip = args.clip_qkv
         self.norm_per_head = args.qk_norm == "head"
+        self.use_rope = layer_idx not in args.nope_layers
+        self.rope_interleaved = args.rope_interleaved
+        self.l2_eps = args.rms_norm_eps if args.qk_norm == "l2" and self.use_rope else None
+        self.temperature = None if self.use_rope else args.attn_temperature
+        self.chunk = args.attention_chunk_size if layer_idx in args.chunked_layers else None
         H, D, bias = args.hidden_size, args.head_dim, args.qkv_bias
         self.q_proj = nn.Linear(H, args.num_heads * D, bias=bias)
         self.k_proj = nn.Linear(H, args.num_kv_heads * D, bias=bias)
         self.v_proj = nn.Linear(H, args.num_kv_heads * D, bias=bias)
-        self.o_proj = nn.Linear(args.num_heads * D, H, bias=False)
+        self.o_proj = nn.Linear(args.num_heads * D, H, bias=args.o_bias)
         self.q_norm: RMSNorm | None = None
         self.k_norm: RMSNorm | None = None
         if args.qk_norm == "head":  # over head_dim: per head, unchanged under TP
@@ -185,13 +210,33 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         B, T, _ = x_BTH.shape
         q_BTND, k_BTGD, v_BTGD = self._project(x_BTH)
-        q_BNTD = apply_rope(q_BTND.transpose(1, 2), cos_TR, sin_TR)
-        k_BGSD = apply_rope(k_BTGD.transpose(1, 2), cos_TR, sin_TR)
-        v_BGSD = v_BTGD.transpose(1, 2)
+        q_BNTD, k_BGSD, v_BGSD = (
+            q_BTND.transpose(1, 2),
+            k_BTGD.transpose(1, 2),
+            v_BTGD.transpose(1, 2),
+        )
+        if self.use_rope:
+            q_BNTD = apply_rope(q_BNTD, cos_TR, sin_TR, self.rope_interleaved)
+            k_BGSD = apply_rope(k_BGSD, cos_TR, sin_TR, self.rope_interleaved)
+        if self.l2_eps is not None:
+            q_BNTD, k_BGSD = l2_norm(q_BNTD, self.l2_eps), l2_norm(k_BGSD, self.l2_eps)
+        if self.temperature is not None:
+            floor_scale, attn_scale = self.temperature
+            pos_T = torch.arange(start_pos, start_pos + T, device=x_BTH.device).float()
+            scale_T = torch.log1p(torch.floor((pos_T + 1.0) / floor_scale)) * attn_scale + 1.0
+            q_BNTD = (q_BNTD * scale_T[:, None]).to(q_BNTD.dtype)
         if cache is not None:
             k_BGSD, v_BGSD = cache.update(self.layer_idx, start_pos, k_BGSD, v_BGSD)
         S = k_BGSD.shape[2]
-        if S == T:
+        if self.chunk is not None and S > self.chunk:
+            # Chunked attention (Llama 4): a query sees only keys of its own chunk.
+            q_pos_T1 = torch.arange(S - T, S, device=x_BTH.device)[:, None]
+            k_pos_S = torch.arange(S, device=x_BTH.device)[None, :]
+            mask_TS = (k_pos_S <= q_pos_T1) & (k_pos_S // self.chunk == q_pos_T1 // self.chunk)
+            out_BNTD = F.scaled_dot_product_attention(
+                q_BNTD, k_BGSD, v_BGSD, attn_mask=mask_TS, enable_gqa=True
+            )
+        elif S == T:
             # No past keys: the square causal mask is SDPA's own (and its fast path).
             out_BNTD = F.scaled_dot_product_attention(
                 q_BNTD, k_BGSD, v_BGSD, is_causal=True, enable_gqa=True
@@ -293,15 +338,17 @@ def _use_grouped_mm(x: torch.Tensor) -> bool:
     )
 
 
-def _grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
-    """``x [M, in]`` row group e times ``weight[e].T`` (``weight [E, out, in]``): a Linear per expert."""
+def _grouped_linear(
+    x: torch.Tensor, weight_in_out: torch.Tensor, offsets_E: torch.Tensor
+) -> torch.Tensor:
+    """``x [M, in]`` row group e times ``weight_in_out[e]`` (``[E, in, out]``): a Linear per expert."""
     grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm
-    return grouped_mm(x, weight.transpose(-2, -1), offs=offsets_E)
+    return grouped_mm(x, weight_in_out, offs=offsets_E)
 
 
-def _looped_linear(x: torch.Tensor, weight: torch.Tensor, counts: list[int]) -> torch.Tensor:
+def _looped_linear(x: torch.Tensor, weight_in_out: torch.Tensor, counts: list[int]) -> torch.Tensor:
     """Same as ``_grouped_linear`` with host-side counts, one matmul per expert."""
-    return torch.cat([F.linear(x_e, weight[e]) for e, x_e in enumerate(x.split(counts))])
+    return torch.cat([x_e @ weight_in_out[e] for e, x_e in enumerate(x.split(counts))])
 
 
 def grouped_expert_mlp(
@@ -309,6 +356,7 @@ def grouped_expert_mlp(
     counts_E: torch.Tensor,
     gate_up_EIH: torch.Tensor,
     down_EHI: torch.Tensor,
+    transposed: bool = False,
 ) -> torch.Tensor:
     """SwiGLU of each expert over its contiguous block of rows.
 
@@ -325,6 +373,7 @@ def grouped_expert_mlp(
         counts_E: ``[E]`` integer rows per expert, summing to M.
         gate_up_EIH: ``[E, 2I, H]`` gate rows then up rows.
         down_EHI: ``[E, H, I]``.
+        transposed: the weights are stored ``[E, H, 2I]`` and ``[E, I, H]`` instead (Llama 4).
 
     Returns:
         ``[M, H]`` expert outputs, unweighted, in the same row order.
@@ -336,13 +385,16 @@ def grouped_expert_mlp(
         >>> y_MH.shape
         torch.Size([5, 4])
     """
+    gate_up, down = gate_up_EIH, down_EHI
+    if not transposed:
+        gate_up, down = gate_up.transpose(-2, -1), down.transpose(-2, -1)
     if _use_grouped_mm(x_MH):
         offsets_E = torch.cumsum(counts_E, dim=0, dtype=torch.int32)
-        gate_MI, up_MI = _grouped_linear(x_MH, gate_up_EIH, offsets_E).chunk(2, dim=-1)
-        return _grouped_linear(F.silu(gate_MI) * up_MI, down_EHI, offsets_E)
+        gate_MI, up_MI = _grouped_linear(x_MH, gate_up, offsets_E).chunk(2, dim=-1)
+        return _grouped_linear(F.silu(gate_MI) * up_MI, down, offsets_E)
     counts = counts_E.tolist()
-    gate_MI, up_MI = _looped_linear(x_MH, gate_up_EIH, counts).chunk(2, dim=-1)
-    return _looped_linear(F.silu(gate_MI) * up_MI, down_EHI, counts)
+    gate_MI, up_MI = _looped_linear(x_MH, gate_up, counts).chunk(2, dim=-1)
+    return _looped_linear(F.silu(gate_MI) * up_MI, down, counts)
 
 
 class Experts(nn.Module):
@@ -357,8 +409,14 @@ class Experts(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         E, H, inter = args.num_experts, args.hidden_size, args.moe_intermediate_size
-        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * inter, H))
-        self.down_proj = nn.Parameter(torch.empty(E, H, inter))
+        self.transposed = args.experts_transposed
+        self.scale_input = args.expert_input_scaling
+        if self.transposed:
+            self.gate_up_proj = nn.Parameter(torch.empty(E, H, 2 * inter))
+            self.down_proj = nn.Parameter(torch.empty(E, inter, H))
+        else:
+            self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * inter, H))
+            self.down_proj = nn.Parameter(torch.empty(E, H, inter))
         nn.init.normal_(self.gate_up_proj, std=0.02)
         nn.init.normal_(self.down_proj, std=0.02)
 
@@ -379,7 +437,13 @@ class Experts(nn.Module):
         ids_M = topk_ids_TK.reshape(-1)
         order_M = torch.argsort(ids_M, stable=True)
         counts_E = torch.bincount(ids_M, minlength=self.gate_up_proj.shape[0])
-        y_MH = grouped_expert_mlp(x_TH[order_M // K], counts_E, self.gate_up_proj, self.down_proj)
+        x_MH = x_TH[order_M // K]
+        if self.scale_input:  # Llama 4 weights the experts' input; its experts have no bias
+            x_MH = x_MH * topk_weights_TK.reshape(-1, 1)[order_M]
+            topk_weights_TK = torch.ones_like(topk_weights_TK)
+        y_MH = grouped_expert_mlp(
+            x_MH, counts_E, self.gate_up_proj, self.down_proj, transposed=self.transposed
+        )
         # Un-sort and sum over k instead of index_add_: same result, but
         # deterministic on CUDA (no atomics) and every token gets exactly K rows.
         y_TKH = y_MH[torch.argsort(order_M)].view(
@@ -400,7 +464,10 @@ class MoE(nn.Module):
         super().__init__()
         # Registration order as in transformers, so named_parameters() lists alike.
         self.experts = Experts(args)
-        self.gate = Router(args)
+        self.router_name = args.router_name  # `gate`, or `router` (Llama 4)
+        self.add_module(self.router_name, Router(args))
+        # The same module under a fixed name, outside _modules: parameter names stay the family's.
+        self.__dict__["router"] = self._modules[self.router_name]
         self.shared_name = None
         if args.shared_expert_intermediate_size:
             self.shared_name = args.shared_expert_name
@@ -412,7 +479,7 @@ class MoE(nn.Module):
 
     def routed(self, x_BTH: torch.Tensor) -> torch.Tensor:
         x_TH = x_BTH.reshape(-1, x_BTH.shape[-1])
-        topk_ids_TK, topk_weights_TK = self.gate(x_TH)
+        topk_ids_TK, topk_weights_TK = self.router(x_TH)
         return self.experts(x_TH, topk_ids_TK, topk_weights_TK).view_as(x_BTH)
 
     def forward(self, x_BTH: torch.Tensor) -> torch.Tensor:
@@ -429,11 +496,13 @@ class DecoderLayer(nn.Module):
     def __init__(self, args: ModelArgs, layer_idx: int) -> None:
         super().__init__()
         self.self_attn = Attention(args, layer_idx)
-        self.mlp: nn.Module
+        self.mlp_name = args.mlp_name  # `mlp`, or `feed_forward` (Llama 4)
         if args.is_moe_layer(layer_idx):
-            self.mlp = MoE(args)
+            self.add_module(self.mlp_name, MoE(args))
         else:
-            self.mlp = MLP(args.hidden_size, args.intermediate_size)
+            self.add_module(self.mlp_name, MLP(args.hidden_size, args.intermediate_size))
+        # The same module under a fixed name, outside _modules: parameter names stay the family's.
+        self.__dict__["mlp"] = self._modules[self.mlp_name]
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
@@ -469,8 +538,9 @@ class Transformer(nn.Module):
         positions_T = torch.arange(
             start_pos, start_pos + input_ids_BT.shape[1], device=h_BTH.device
         )
+        args = self.args
         cos_TR, sin_TR = rope_cos_sin(
-            positions_T, self.args.rotary_dim, self.args.rope_theta, h_BTH.dtype
+            positions_T, args.rotary_dim, args.rope_theta, h_BTH.dtype, args.rope_interleaved
         )
         for layer in self.layers:
             h_BTH = layer(h_BTH, cos_TR, sin_TR, start_pos, cache)

@@ -129,11 +129,11 @@ class _MoEHooks:
         # With -sp and the tokens already split over exactly the EP group (tp2ep, no ep dim),
         # each rank routes its own sequence shard: nothing to gather or split.
         self.sp_is_split = sequence_sharded and n_ep > 1 and groups.layout.expert_dims == ("tp",)
-        self.num_experts = moe.gate.weight.shape[0]
+        self.num_experts = moe.router.weight.shape[0]
         self.tokens_per_expert = torch.zeros(self.num_experts, dtype=torch.long)
         routed = moe.routed
         moe.routed = lambda x_BTH: self.after_moe(routed(*self.before_moe(x_BTH)))
-        moe.gate.register_forward_hook(self.after_router)
+        moe.router.register_forward_hook(self.after_router)
         moe.experts.register_forward_pre_hook(self.before_experts)
         moe.experts.register_forward_hook(self.after_experts)
 
@@ -371,9 +371,10 @@ def _parallel_moe(
             )
     expert_tp = "tp" not in layout.expert_dims and P.split_alike(experts, "tp", StridedShard, Shard)
     pm.moe_hooks.append(_MoEHooks(moe, groups, groups.tp if expert_tp else None, real_tokens))
-    P.split_alike([f"{prefix}gate.weight", f"{prefix}gate.e_score_correction_bias"], "tp")
+    router = f"{prefix}{moe.router_name}."
+    P.split_alike([f"{router}weight", f"{router}e_score_correction_bias"], "tp")
     if C.group_size(groups.ep) > 1:
-        pm.grad_groups.append((moe.gate.weight, groups.ep))  # it saw only this rank's chunk
+        pm.grad_groups.append((moe.router.weight, groups.ep))  # it saw only this rank's chunk
     if moe.shared_name is not None:
         shared = getattr(moe, moe.shared_name)
         names = [f"{prefix}{moe.shared_name}.{p}_proj.weight" for p in ("gate", "up", "down")]
@@ -413,10 +414,11 @@ def parallelize(
                 (layer.input_layernorm.weight, groups.tp),
                 (layer.post_attention_layernorm.weight, groups.tp),
             ]
+        mlp = f"{prefix}{layer.mlp_name}."
         if isinstance(layer.mlp, MoE):
-            _parallel_moe(pm, P, layer.mlp, prefix + "mlp.", real_tokens)
+            _parallel_moe(pm, P, layer.mlp, mlp, real_tokens)
         elif isinstance(layer.mlp, MLP):
-            names = [f"{prefix}mlp.{p}_proj.weight" for p in ("gate", "up", "down")]
+            names = [f"{mlp}{p}_proj.weight" for p in ("gate", "up", "down")]
             if P.split_alike(names, "tp", Shard):
                 _tp_region(layer.mlp, groups, sp)
     P.check_all_read()

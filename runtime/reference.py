@@ -69,7 +69,9 @@ def streamed_reference(source: Source, ids_BT: torch.Tensor, out: Path) -> None:
         order = [(n, s) for n, s in order if n != "lm_head.weight"]
 
     B, T = ids_BT.shape
-    cos_TD, sin_TD = rope_cos_sin(torch.arange(T), args.rotary_dim, args.rope_theta, torch.float32)
+    cos_TD, sin_TD = rope_cos_sin(
+        torch.arange(T), args.rotary_dim, args.rope_theta, torch.float32, args.rope_interleaved
+    )
     with ShardWriter(out, _entries(order, ids_BT, args.vocab_size)) as writer:
         writer.write("input_ids", ids_BT)
         embed = load(skeleton.model.embed_tokens, "model.embed_tokens.")

@@ -154,8 +154,29 @@ FAMILIES: dict[str, FamilyCase] = {
                 "partial_rotary_factor": 0.5,
             },
         ),
+        # Already-fused experts stored [E, H, 2I] / [E, I, H], top-1 sigmoid router scaling the
+        # experts' input, a shared expert, MoE on layers 1 and 3 (dense 0 and 2), layer 3
+        # without RoPE (temperature-tuned queries, floor_scale 4 so it matters at 19 tokens),
+        # chunked attention in chunks of 8 (so the prompts here cross chunks).
+        _case(
+            "llama4_text",
+            "Llama4TextConfig",
+            "model.layers.{layer}.feed_forward.experts.gate_up_proj",
+            first_moe_layer=1,
+            head_dim=16,
+            num_hidden_layers=4,
+            num_local_experts=8,
+            num_experts_per_tok=1,
+            interleave_moe_layer_step=2,
+            intermediate_size=32,
+            intermediate_size_mlp=96,
+            attention_chunk_size=8,
+            floor_scale=4,
+        ),
     )
 }
+# The families whose checkpoints hold one tensor per expert (all but Llama 4's fused ones).
+PER_EXPERT = [name for name, case in FAMILIES.items() if ".experts.0." in case.experts_key]
 
 
 def hf_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

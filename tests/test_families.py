@@ -39,7 +39,7 @@ from reshard.sources import open_source
 
 pytest.importorskip("transformers")
 
-NEW = ["qwen2_moe", "mixtral", "olmoe", "glm4_moe"]
+NEW = ["qwen2_moe", "mixtral", "olmoe", "glm4_moe", "llama4_text"]
 LAYOUTS = ["tp2", "ep2tp2", "tp4-tp2ep"]
 
 
@@ -103,10 +103,11 @@ def test_single_device_model_matches_transformers(model_type, written):
 
 def tp_placement(name: str, tp2ep: bool, model_type: str) -> tuple:
     """What the tp mesh dim does to tensor `name`, from DESIGN.md's table of styles."""
-    if name.endswith("mlp.experts.gate_up_proj"):  # [E, 2I, H]
-        return ("shard", 0) if tp2ep else ("strided", 1, 2)
-    if name.endswith("mlp.experts.down_proj"):  # [E, H, I]
-        return ("shard", 0) if tp2ep else ("shard", 2)
+    transposed = model_type == "llama4_text"  # experts [E, H, 2I] and [E, I, H]
+    if name.endswith("experts.gate_up_proj"):  # [E, 2I, H]
+        return ("shard", 0) if tp2ep else ("strided", 2 if transposed else 1, 2)
+    if name.endswith("experts.down_proj"):  # [E, H, I]
+        return ("shard", 0) if tp2ep else ("shard", 1 if transposed else 2)
     if re.search(r"self_attn\.[qkv]_proj\.(weight|bias)$", name):
         return ("shard", 0)  # colwise: weight rows, bias entries
     if re.search(r"self_attn\.[qk]_norm\.weight$", name) and model_type == "olmoe":
@@ -126,7 +127,7 @@ def expected_placements(name: str, layout: str, model_type: str) -> list[tuple]:
     for dim in names:
         if dim == "tp":
             out.append(tp_placement(name, "tp2ep" in flags, model_type))
-        elif dim == "ep" and ".mlp.experts." in name:
+        elif dim == "ep" and ".experts." in name:
             out.append(("shard", 0))
         else:
             out.append(("replicate",))

@@ -46,7 +46,7 @@ CONCURRENT_LAUNCHES = 2
 TINY = "tiny"
 HF_WRITTEN = "hf-written"
 # Families beside qwen3_moe, each a checkpoint transformers writes (tests/helpers_families.py).
-FAMILIES = ["qwen2_moe", "mixtral", "olmoe", "glm4_moe"]
+FAMILIES = ["qwen2_moe", "mixtral", "olmoe", "glm4_moe", "llama4_text"]
 PROMPTS = {
     TINY: "Why is the sea blue? It reflects",  # 13 tokens of tiny's BPE
     HF_WRITTEN: "Why is the sky blue",  # 19 tokens: the tokenizer written below is byte-level
@@ -342,13 +342,17 @@ def hf_tokens_per_expert(hf_models) -> dict[str, list[list[int]]]:
     out = {}
     for name, model in hf_models.items():
         picks: list[torch.Tensor] = []
-        # Every family's router returns (logits, weights, indices): count what it chose,
-        # group limits and score corrections included.
-        routers = [m for n, m in model.named_modules() if n.endswith(".mlp.gate")]
-        hooks = [
-            r.register_forward_hook(lambda m, a, out, picks=picks: picks.append(out[2]))
-            for r in routers
+        k = model.config.num_experts_per_tok
+
+        def chosen(module, args, out, picks=picks, k=k):
+            # (logits, weights, indices), group limits and score corrections included; Llama 4's
+            # router returns (scores, logits) and picks the top-k logits.
+            picks.append(out[2] if len(out) == 3 else out[1].topk(k, dim=-1).indices)
+
+        routers = [
+            m for n, m in model.named_modules() if n.endswith((".mlp.gate", ".feed_forward.router"))
         ]
+        hooks = [r.register_forward_hook(chosen) for r in routers]
         with torch.no_grad():
             model(input_ids=fixed_batch(model.config.vocab_size))
         for hook in hooks:
