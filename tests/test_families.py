@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -194,8 +195,6 @@ def test_every_rank_file_matches_distribute_tensor(model_type, layout, converted
 
 def test_glm4_multi_token_prediction_layers_are_dropped(written, tmp_path):
     """GLM-4.5 ships its MTP layer as layer `num_hidden_layers`; transformers drops it, so do we."""
-    import shutil
-
     from safetensors.torch import load_file
 
     src = Path(shutil.copytree(written["glm4_moe"], tmp_path / "src"))
@@ -257,3 +256,20 @@ def test_runtime_refuses_placements_it_does_not_run(name, placements, error, con
     params[name] = dataclasses.replace(params[name], placements=placements)
     with pytest.raises(CheckpointError, match=error):
         _wire(directory, params)
+
+
+@pytest.mark.parametrize("model_type", ["qwen2_moe", "mixtral"])
+def test_an_already_fused_checkpoint_passes_through(model_type, written, converted, tmp_path):
+    """transformers 5.x's in-memory names (fused experts, mixtral's `mlp.`) saved as they are:
+    converted without any op, to the same rank files as the per-expert checkpoint."""
+    fused = tmp_path / "fused"
+    fused.mkdir()
+    shutil.copy(written[model_type] / "config.json", fused / "config.json")
+    state = {k: v.contiguous() for k, v in hf_state(build_model(model_type)).items()}
+    assert any(k.endswith("mlp.experts.gate_up_proj") for k in state)
+    save_file(state, str(fused / "model.safetensors"), metadata={"format": "pt"})
+    out = tmp_path / "out"
+    convert(make_plan(open_source(str(fused)), Layout.parse("ep2tp2")), out, progress=False)
+    for rank in range(4):
+        name = f"rank-{rank:05d}-of-00004.safetensors"
+        assert (out / name).read_bytes() == (converted[model_type, "ep2tp2"] / name).read_bytes()
