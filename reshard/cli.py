@@ -16,7 +16,8 @@ from reshard.errors import ReshardError
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 
 SRC_HELP = (
-    "Source checkpoint: a local HF directory, hf:org/name[@revision], or tiny:qwen3_moe (built in)."
+    "Source checkpoint: a local HF directory, a sharded checkpoint (to reshard), "
+    "hf:org/name[@revision], or tiny:qwen3_moe (built in)."
 )
 LAYOUT_HELP = (
     "Parallel layout: [dp<N>][ep<N>][tp<N>][-sp][-tp2ep], e.g. tp4, ep8, ep4tp4, tp4-tp2ep, tp2-sp."
@@ -304,9 +305,8 @@ def _sharded_dir(src: str, layout: str | None, quiet: bool) -> Path:
     path = Path(src).expanduser()
     if (path / MANIFEST).is_file():
         have = ShardedCheckpoint(path).layout.name
-        if layout and Layout.parse(layout).name != have:
-            raise ReshardError(f"{src}: holds layout {have}, not --layout {layout}")
-        return path
+        if not layout or Layout.parse(layout).name == have:
+            return path  # else resharded to --layout below, into the cache
     if not layout:
         ShardedCheckpoint(path)  # raises the clear "not a finished sharded checkpoint" error
     from reshard.convert import convert_cached
@@ -334,7 +334,8 @@ def _check_files(path: Path):
 @click.option(
     "--layout",
     metavar="LAYOUT",
-    help="With an HF source: convert to this layout first (cached). " + LAYOUT_HELP,
+    help="With an HF source, or a sharded one of another layout: convert (or reshard) to this "
+    "layout first, cached. " + LAYOUT_HELP,
 )
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option(
