@@ -46,17 +46,21 @@ W1_W3_W2_EXPERTS = (
 )
 
 # Param-level plan (transformers PR 46290 style): glob on the target name -> styles. A family
-# adds its own entries in front (first match wins), e.g. how its q/k norms split.
-BASE_PLAN: dict[str, str | tuple[str, ...]] = {
+# composes its plan from these parts and adds its own entries in front (first match wins).
+ATTENTION_PLAN: dict[str, str | tuple[str, ...]] = {
     "model.embed_tokens.weight": "embedding",
     "model.layers.*.self_attn.q_proj.*": "colwise",  # weight and bias
     "model.layers.*.self_attn.k_proj.*": "colwise",
     "model.layers.*.self_attn.v_proj.*": "colwise",
     "model.layers.*.self_attn.o_proj.weight": "rowwise",
+}
+EXPERTS_PLAN: dict[str, str | tuple[str, ...]] = {
     "model.layers.*.mlp.experts.gate_up_proj": ("grouped_gemm", "moe_tp_gate_up_colwise"),
     "model.layers.*.mlp.experts.down_proj": ("grouped_gemm", "moe_tp_down_rowwise"),
     "model.layers.*.mlp.gate.*": "replicate",  # router weight and correction bias
     "model.layers.*.mlp.shared_expert_gate.weight": "replicate",
+}
+DENSE_AND_NORMS_PLAN: dict[str, str | tuple[str, ...]] = {
     # dense MLPs: the dense layers' `mlp.*_proj` and the shared experts'
     "model.layers.*.gate_proj.weight": "colwise",
     "model.layers.*.up_proj.weight": "colwise",
@@ -66,6 +70,7 @@ BASE_PLAN: dict[str, str | tuple[str, ...]] = {
     "model.norm.weight": "replicate",
     "lm_head.weight": "colwise_gather_output",
 }
+BASE_PLAN = {**ATTENTION_PLAN, **EXPERTS_PLAN, **DENSE_AND_NORMS_PLAN}
 # Per-head q/k norms act inside each head: every rank applies the same weights to its heads.
 HEAD_QK_NORM_PLAN = {"model.layers.*.self_attn.*_norm.weight": "replicate"}
 # Whole-projection q/k norms split with their projection; the runtime sums the RMS statistic

@@ -74,24 +74,14 @@ def parse_config(cfg: dict[str, Any]) -> ModelArgs:
 
 
 PLAN = {
-    "model.embed_tokens.weight": "embedding",
-    "model.layers.*.self_attn.q_proj.weight": "colwise",
-    "model.layers.*.self_attn.k_proj.weight": "colwise",
-    "model.layers.*.self_attn.v_proj.weight": "colwise",
-    "model.layers.*.self_attn.o_proj.weight": "rowwise",
+    **c.ATTENTION_PLAN,
     "model.layers.*.feed_forward.experts.gate_up_proj": (
         "grouped_gemm",
         "moe_tp_gate_up_colwise_t",
     ),
     "model.layers.*.feed_forward.experts.down_proj": ("grouped_gemm", "moe_tp_down_rowwise_t"),
     "model.layers.*.feed_forward.router.weight": "replicate",
-    "model.layers.*.gate_proj.weight": "colwise",  # dense layers and the shared expert
-    "model.layers.*.up_proj.weight": "colwise",
-    "model.layers.*.down_proj.weight": "rowwise",
-    "model.layers.*.input_layernorm.weight": "replicate",
-    "model.layers.*.post_attention_layernorm.weight": "replicate",
-    "model.norm.weight": "replicate",
-    "lm_head.weight": "colwise_gather_output",
+    **c.DENSE_AND_NORMS_PLAN,  # the dense layers' and the shared expert's projections too
 }
 
 SPEC = ModelSpec(

@@ -223,7 +223,7 @@ def _redraw(model: torch.nn.Module, seed: int) -> None:
             tensor.copy_(value.to(tensor.dtype))
 
 
-def _write_tokenizer(directory: Path) -> None:
+def write_byte_tokenizer(directory: Path) -> None:
     """A byte-level BPE tokenizer.json with the 256 byte symbols and no merges: every id fits."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -276,7 +276,7 @@ def write_checkpoint(
     if max_shard_size is not None:
         save_kwargs["max_shard_size"] = max_shard_size
     model.save_pretrained(str(directory), **save_kwargs)
-    _write_tokenizer(directory)
+    write_byte_tokenizer(directory)
     return directory
 
 

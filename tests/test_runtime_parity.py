@@ -33,7 +33,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers_cli import reshard_cmd
-from helpers_families import load_hf_model, write_checkpoint
+from helpers_families import load_hf_model, write_byte_tokenizer, write_checkpoint
 
 transformers = pytest.importorskip("transformers")
 
@@ -117,8 +117,6 @@ def hf_written_dir(tmp_path_factory) -> Path:
     tokens and top-k routing would hinge on near ties. Every weight is redrawn
     with std 0.2 and every norm as 1 + N(0, 0.1), seeded.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     config = transformers.Qwen3MoeConfig(
         vocab_size=256,
         hidden_size=64,
@@ -141,17 +139,7 @@ def hf_written_dir(tmp_path_factory) -> Path:
             p.copy_(noise * 0.2 if p.ndim > 1 else 1 + 0.1 * noise)
     directory = tmp_path_factory.mktemp("hf-written") / "qwen3-moe"
     model.save_pretrained(str(directory))
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=config.vocab_size,  # the 256 byte symbols, no merges: every id fits
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(["Why is the sky blue?"], trainer=trainer)
-    assert tokenizer.get_vocab_size() <= config.vocab_size
-    tokenizer.save(str(directory / "tokenizer.json"))
+    write_byte_tokenizer(directory)
     return directory
 
 
