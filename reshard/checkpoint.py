@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -26,24 +26,44 @@ from reshard.writer import sha256_file
 
 
 class ShardedCheckpoint:
-    """A finished `reshard convert` output directory."""
+    """A finished `reshard convert` output directory, local or a Hub snapshot.
 
-    def __init__(self, directory: str | Path):
+    For a checkpoint on the Hub (`reshard.hub.open_hub_checkpoint`), `directory` is the
+    snapshot holding the small files, `fetch(filename)` downloads a rank file on first use,
+    and `blobs` is where the Hub cache keeps the bytes its snapshot links point to.
+    """
+
+    def __init__(
+        self,
+        directory: str | Path,
+        *,
+        fetch: Callable[[str], Path] | None = None,
+        blobs: Path | None = None,
+        spec: str | None = None,
+    ):
         self.directory = Path(directory)
         self.manifest: Manifest = load_manifest(self.directory)
         self.layout: Layout = self.manifest.parsed_layout
         self.params: dict[str, ParamPlan] = self.manifest.param_plans()
+        self.fetch, self.blobs = fetch, blobs
+        self.spec = spec or str(self.directory)  # what to pass to another process to reopen it
 
     def rank_path(self, rank: int) -> Path:
-        """Rank `rank`'s file; it must live in the directory (a symlink may not lead out of it)."""
+        """Rank `rank`'s file (fetched first from the Hub if need be); it must live in the
+        directory (or the Hub cache's blobs): a symlink may not lead anywhere else."""
         if not 0 <= rank < self.layout.world_size:
             raise CheckpointError(
                 f"rank {rank} out of range: layout {self.layout.name} has {self.layout.world_size} ranks"
             )
         path = self.directory / self.manifest.ranks[rank].file  # schema: a plain file name
+        if self.fetch is not None and not path.exists():
+            self.fetch(path.name)
         # realpath, unlike Path.resolve, does not raise on a symlink loop (is_file is then False).
         real = Path(os.path.realpath(path))
-        if real.parent != Path(os.path.realpath(self.directory)):
+        allowed = {Path(os.path.realpath(self.directory))}
+        if self.blobs is not None:
+            allowed.add(Path(os.path.realpath(self.blobs)))
+        if real.parent not in allowed:
             raise CheckpointError(f"{path}: a symlink to {real}, outside the checkpoint")
         return path
 
@@ -123,3 +143,19 @@ class ShardedCheckpoint:
             raise
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{path}: cannot read ({str(e)[:200]})") from e
+
+
+def open_checkpoint(spec: str | Path) -> ShardedCheckpoint:
+    """A sharded checkpoint from a local directory or `hf:org/name[@revision]` (see reshard.hub)."""
+    text = str(spec)
+    if not text.startswith("hf:"):
+        return ShardedCheckpoint(spec)
+    from reshard.hub import open_hub_checkpoint
+
+    ckpt = open_hub_checkpoint(text)
+    if ckpt is None:
+        raise CheckpointError(
+            f"{text}: holds no reshard.json, so it is not a sharded checkpoint "
+            f"(convert it: reshard convert --src {text} --layout L --out DIR)"
+        )
+    return ckpt

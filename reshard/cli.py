@@ -178,20 +178,23 @@ def plan(src: str, layout: str, dtype: str) -> None:
 
 
 @cli.command()
-@click.argument("directory", type=click.Path(path_type=Path))
+@click.argument("directory", metavar="CHECKPOINT")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
-def inspect(directory: Path, as_json: bool) -> None:
+def inspect(directory: str, as_json: bool) -> None:
     """Show what a sharded checkpoint holds: layout, ranks, parameters and placements.
+
+    CHECKPOINT is a directory or hf:org/name[@revision] (reads reshard.json only).
 
     \b
     Examples:
       reshard inspect tiny-ep2tp2
       reshard inspect tiny-ep2tp2 --json | jq .ranks
+      reshard inspect hf:me/Qwen3-30B-A3B-ep4tp4
     """
-    from reshard.checkpoint import ShardedCheckpoint
+    from reshard.checkpoint import open_checkpoint
     from reshard.modelcard import human_bytes
 
-    ckpt = ShardedCheckpoint(directory)
+    ckpt = open_checkpoint(directory)
     m = ckpt.manifest
     if as_json:
         click.echo(m.to_json())
@@ -212,29 +215,31 @@ def inspect(directory: Path, as_json: bool) -> None:
 
 
 @cli.command()
-@click.argument("directory", type=click.Path(path_type=Path))
+@click.argument("directory", metavar="CHECKPOINT")
 @click.option(
     "--against",
     metavar="SRC",
     help="Also reassemble every tensor and compare bit-exactly with SRC.",
 )
 @quiet_option
-def verify(directory: Path, against: str | None, quiet: bool) -> None:
+def verify(directory: str, against: str | None, quiet: bool) -> None:
     """Re-hash every rank file; with --against, compare every global tensor with the source.
 
+    CHECKPOINT is a directory or hf:org/name[@revision] (every rank file is downloaded).
     Exits 0 only when everything holds.
 
     \b
     Examples:
       reshard verify tiny-ep2tp2
       reshard verify tiny-ep2tp2 --against tiny:qwen3_moe
+      reshard verify hf:me/Qwen3-30B-A3B-ep4tp4
     """
     from tqdm.auto import tqdm
 
-    from reshard.checkpoint import ShardedCheckpoint
+    from reshard.checkpoint import open_checkpoint
     from reshard.verify import check_against, check_files
 
-    ckpt = ShardedCheckpoint(directory)
+    ckpt = open_checkpoint(directory)
     checks = check_files(ckpt)
     total = ckpt.layout.world_size
     if against:
@@ -296,35 +301,42 @@ def _nodes_options(f):
     return f
 
 
-def _sharded_dir(src: str, layout: str | None, quiet: bool) -> Path:
-    """SRC as a finished sharded checkpoint: as given, or converted on the fly into the cache."""
+def _checkpoint(src: str, layout: str | None, quiet: bool):
+    """SRC as a finished sharded checkpoint: as given (a directory or hf:org/name), or, with
+    --layout of another layout or a source that is not sharded, converted into the cache."""
     from reshard.checkpoint import ShardedCheckpoint
     from reshard.layout import Layout
     from reshard.manifest import MANIFEST
 
-    path = Path(src).expanduser()
-    if (path / MANIFEST).is_file():
-        have = ShardedCheckpoint(path).layout.name
-        if not layout or Layout.parse(layout).name == have:
-            return path  # else resharded to --layout below, into the cache
+    wanted = Layout.parse(layout).name if layout else None
+    ckpt = None
+    if src.startswith("hf:"):
+        from reshard.hub import open_hub_checkpoint
+
+        ckpt = open_hub_checkpoint(src)  # manifest and small files only: ranks fetch their own
+    elif (Path(src).expanduser() / MANIFEST).is_file() or not layout:
+        ckpt = _check_files(ShardedCheckpoint(Path(src).expanduser()))
+    if ckpt is not None and wanted in (None, ckpt.layout.name):
+        return ckpt
     if not layout:
-        ShardedCheckpoint(path)  # raises the clear "not a finished sharded checkpoint" error
+        raise ReshardError(f"{src}: not a sharded checkpoint; pass --layout to convert it first")
     from reshard.convert import convert_cached
     from reshard.sources import open_source
     from reshard.tiny import cache_root
 
-    parsed = Layout.parse(layout)
-    return convert_cached(
-        open_source(src), parsed, cache_root() / "converted", progress=_progress(quiet)
+    out = convert_cached(
+        open_source(src),
+        Layout.parse(layout),
+        cache_root() / "converted",
+        progress=_progress(quiet),
     )
+    return _check_files(ShardedCheckpoint(out))
 
 
-def _check_files(path: Path):
-    from reshard.checkpoint import ShardedCheckpoint
-
-    ckpt = ShardedCheckpoint(path)
+def _check_files(ckpt):
+    """Cheap checks of every rank file before any rank starts (each rank re-hashes its own)."""
     for rank in range(ckpt.layout.world_size):
-        ckpt.check_rank_file(rank, hash=False)  # each rank re-hashes its own file
+        ckpt.check_rank_file(rank, hash=False)
     return ckpt
 
 
@@ -396,7 +408,7 @@ def run(
     from reshard.runtime.text import TextCodec
     from reshard.runtime.worker import context_of
 
-    ckpt = _check_files(_sharded_dir(src, layout, quiet))
+    ckpt = _checkpoint(src, layout, quiet)
     # Refused here, in one line, before any rank starts (each rank checks again).
     TextCodec(ckpt.directory).encode_prompt(
         prompt, chat=chat, max_new_tokens=max_new_tokens, context=context_of(ckpt)
@@ -414,7 +426,7 @@ def run(
     nodes = Nodes(nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint)
     launch(
         "run",
-        ckpt.directory,
+        ckpt.spec,
         ckpt.layout.world_size,
         worker_args,
         device=device or default_device(),
@@ -423,7 +435,7 @@ def run(
 
 
 @cli.command()
-@click.argument("directory", type=click.Path(path_type=Path))
+@click.argument("directory", metavar="CHECKPOINT")
 @click.option(
     "--against",
     required=True,
@@ -475,7 +487,7 @@ def validate(
     from reshard.runtime.reference import fixed_batch, streamed_reference, transformers_reference
     from reshard.sources import open_source
 
-    ckpt = _check_files(directory)
+    ckpt = _checkpoint(directory, None, quiet=True)
     source = open_source(against)
     vocab = ckpt.manifest.config["vocab_size"]
     with tempfile.TemporaryDirectory(prefix="reshard-validate-") as tmp:
@@ -493,7 +505,7 @@ def validate(
         nodes = Nodes(nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint)
         launch(
             "validate",
-            ckpt.directory,
+            ckpt.spec,
             ckpt.layout.world_size,
             worker_args,
             device=device or default_device(),

@@ -233,6 +233,11 @@ def open_source(text: str) -> Source:
     if text.startswith("tiny:"):
         path = tiny_checkpoint(text[len("tiny:") :])
     elif text.startswith("hf:"):
+        from reshard.hub import open_hub_checkpoint
+
+        sharded = open_hub_checkpoint(text)
+        if sharded is not None:  # published by `reshard upload`: reshard it
+            return _open_sharded(text, sharded)
         repo, _, revision = text[len("hf:") :].partition("@")
         path = _hub_snapshot(repo, revision or None)
         revision = path.name  # the snapshot directory is named by the commit sha it resolved to
@@ -248,7 +253,13 @@ def open_source(text: str) -> Source:
     if not (path / "config.json").is_file():
         raise SourceError(f"{path}: no config.json; not a Hugging Face checkpoint directory")
     if (path / "reshard.json").is_file():
-        return _open_sharded(text, path)
+        from reshard.checkpoint import ShardedCheckpoint
+        from reshard.errors import ReshardError
+
+        try:
+            return _open_sharded(text, ShardedCheckpoint(path))
+        except ReshardError as e:
+            raise SourceError(f"{text}: not a usable sharded checkpoint: {e}") from e
     config = _read_json(path / "config.json")
     if not isinstance(config.get("model_type"), str):
         raise SourceError(f"{path / 'config.json'}: no model_type; which model is this?")
@@ -278,20 +289,18 @@ def _unrepeat(t: LazyTensor, block: int, repeats: int) -> LazyTensor:
     return Cat([Narrow(t, 0, j * repeats * block, block) for j in range(heads)], dim=0)
 
 
-def _open_sharded(text: str, path: Path) -> Source:
+def _open_sharded(text: str, ckpt) -> Source:
     """A `reshard convert` output as a source: each tensor assembled lazily from the rank files
     that hold its pieces, so resharding reads only the bytes each new rank needs.
 
     Every rank file's sha256 is checked against the manifest first: resharding damaged files
     would hand the damage on under fresh, valid hashes.
     """
-    from reshard.checkpoint import ShardedCheckpoint
     from reshard.converters import get_spec
     from reshard.errors import ReshardError
     from reshard.placements import boxes, selection_shape
 
     try:
-        ckpt = ShardedCheckpoint(path)
         for rank in range(ckpt.layout.world_size):
             ckpt.check_rank_file(rank)
         head_dim = get_spec(ckpt.manifest.model_type).parse_config(ckpt.manifest.config).head_dim
@@ -323,7 +332,7 @@ def _open_sharded(text: str, path: Path) -> Source:
     hashes = {f.name: ckpt.manifest.ranks[r].sha256 for r, f in enumerate(files)}
     return Source(
         text=text,
-        path=path,
+        path=ckpt.directory,
         config=ckpt.manifest.config,
         files=files,
         tensors=tensors,

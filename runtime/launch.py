@@ -34,7 +34,13 @@ def default_device() -> str:
 
 
 def launch(
-    mode: str, ckpt: Path, world_size: int, worker_args: list[str], *, device: str, nodes: Nodes
+    mode: str,
+    ckpt: str | Path,
+    world_size: int,
+    worker_args: list[str],
+    *,
+    device: str,
+    nodes: Nodes,
 ) -> None:
     """Run `reshard.runtime.worker MODE` on `world_size` ranks; raise ReshardError if a rank fails.
 

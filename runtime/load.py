@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from reshard.architecture import ModelArgs
-from reshard.checkpoint import ShardedCheckpoint
+from reshard.checkpoint import ShardedCheckpoint, open_checkpoint
 from reshard.converters import get_spec
 from reshard.errors import CheckpointError
 from reshard.placements import Replicate, to_torch
@@ -37,6 +37,15 @@ def _rank(rank: int | None) -> int:
     return int(os.environ["RANK"])
 
 
+def _open(directory: str | Path) -> ShardedCheckpoint:
+    """A local directory, or `hf:org/name[@rev]` pinned to one commit for every rank."""
+    if str(directory).startswith("hf:"):
+        from reshard.hub import agree_on_revision
+
+        directory = agree_on_revision(str(directory))
+    return open_checkpoint(directory)
+
+
 def load_local_tensors(
     directory: str | Path, rank: int | None = None, *, device: str | torch.device = "cpu"
 ) -> dict[str, torch.Tensor]:
@@ -48,7 +57,7 @@ def load_local_tensors(
     Returns:
         {parameter name: local shard}, e.g. `model.layers.0.mlp.experts.gate_up_proj [E/ep, 2I/tp, H]`.
     """
-    return ShardedCheckpoint(directory).load_rank(_rank(rank), device=device)
+    return _open(directory).load_rank(_rank(rank), device=device)
 
 
 def load_dtensors(directory: str | Path, mesh) -> dict[str, torch.Tensor]:
@@ -67,7 +76,7 @@ def load_dtensors(directory: str | Path, mesh) -> dict[str, torch.Tensor]:
     """
     from torch.distributed.tensor import DTensor
 
-    ckpt = ShardedCheckpoint(directory)
+    ckpt = _open(directory)
     names, shape = tuple(mesh.mesh_dim_names or ()), tuple(mesh.mesh.shape)
     want_names, want_shape = ckpt.layout.mesh_dim_names, ckpt.layout.mesh_shape
     if (names, shape) != (want_names, want_shape) and not (shape == (1,) and not want_names):

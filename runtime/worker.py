@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from reshard.checkpoint import ShardedCheckpoint
+from reshard.checkpoint import ShardedCheckpoint, open_checkpoint
 from reshard.converters.lazy import RepeatBlocks, SliceReader, SourceTensor, read_selection
 from reshard.errors import CheckpointError, ReshardError
 from reshard.runtime.generate import generate
@@ -193,7 +193,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="mode", required=True)
     for mode in ("run", "validate"):
         s = sub.add_parser(mode)
-        s.add_argument("--ckpt", required=True, type=Path)
+        s.add_argument("--ckpt", required=True, help="a directory, or hf:org/name@sha")
         s.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
         s.add_argument("--timeout", type=float, default=300.0, help="collective timeout, seconds")
     run_p = sub.choices["run"]
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     rank = int(os.environ.get("RANK", 0))
     try:
-        ckpt = ShardedCheckpoint(args.ckpt)
+        ckpt = open_checkpoint(args.ckpt)
         device = _device(args.device)
         rank = _init(ckpt, device, args.timeout)
         (run if args.mode == "run" else validate)(args, ckpt, rank, device)

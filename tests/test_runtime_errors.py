@@ -113,22 +113,22 @@ def test_missing_rank_file(kind, tp2_copy):
 
 def test_layout_option_of_another_layout_reshards_into_the_cache(convert_tiny, reshard_cache):
     from reshard.checkpoint import ShardedCheckpoint
-    from reshard.cli import _sharded_dir
+    from reshard.cli import _checkpoint
     from reshard.convert import make_plan
     from reshard.layout import Layout
     from reshard.sources import open_source
     from reshard.verify import check_against
 
     directory = convert_tiny("tp2")
-    assert _sharded_dir(str(directory), "tp2", quiet=True) == directory  # its own layout: as is
-    resharded = _sharded_dir(str(directory), "ep2", quiet=True)
+    assert _checkpoint(str(directory), "tp2", quiet=True).directory == directory  # as is
+    resharded = _checkpoint(str(directory), "ep2", quiet=True).directory
     assert resharded.is_relative_to(reshard_cache)
     ckpt = ShardedCheckpoint(resharded)
     assert ckpt.layout.name == "ep2"
     plan = make_plan(open_source("tiny:qwen3_moe"), Layout.parse("ep2"))
     findings = list(check_against(ckpt, plan))
     assert findings and all(f.ok for f in findings), [f for f in findings if not f.ok]
-    assert _sharded_dir(str(directory), "ep2", quiet=True) == resharded  # cached
+    assert _checkpoint(str(directory), "ep2", quiet=True).directory == resharded  # cached
 
 
 @pytest.mark.parametrize(
