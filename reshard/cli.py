@@ -72,9 +72,21 @@ def cli() -> None:
     is_flag=True,
     help="Replace a finished checkpoint of another layout in --out (refused without it).",
 )
+@click.option(
+    "--push-to-hub",
+    metavar="ORG/NAME",
+    help="After a successful convert, upload the result to this Hub repository (see upload).",
+)
 @quiet_option
 def convert(
-    src: str, layout: str, out: Path, dtype: str, workers: int, overwrite: bool, quiet: bool
+    src: str,
+    layout: str,
+    out: Path,
+    dtype: str,
+    workers: int,
+    overwrite: bool,
+    push_to_hub: str | None,
+    quiet: bool,
 ) -> None:
     """Write one safetensors file per rank, a manifest, and the config/tokenizer files.
 
@@ -90,6 +102,7 @@ def convert(
       reshard convert --src ./Qwen3-30B-A3B --layout tp4-tp2ep --out q3-tp4-tp2ep
       reshard convert --src tiny:qwen3_moe --layout tp4 --out tiny-ep2tp2 --overwrite
       reshard convert --src tiny-ep2tp2 --layout tp2 --out tiny-tp2      # reshard a sharded one
+      reshard convert --src hf:Qwen/Qwen3-30B-A3B --layout ep4tp4 --out q3 --push-to-hub me/q3-ep4tp4
 
     Interrupting is safe: nothing looks finished before the manifest, and the
     next run keeps every rank file that was complete. Two runs into the same
@@ -109,6 +122,60 @@ def convert(
     total = sum(r.bytes for r in manifest.ranks)
     click.echo(
         f"wrote {manifest.world_size} rank files ({human_bytes(total)}) for {manifest.layout} to {out}"
+    )
+    if push_to_hub:
+        _upload(out, push_to_hub, private=False, revision=None, commit_message=None, quiet=quiet)
+
+
+def _upload(directory: Path, repo: str, **options) -> None:
+    from huggingface_hub.utils import disable_progress_bars
+
+    from reshard.hub import parse_spec, upload
+
+    parse_spec(repo)  # a repo id, refused in one line otherwise
+    if options.pop("quiet"):
+        disable_progress_bars()
+    url, sha = upload(directory, repo, **options)
+    click.echo(f"uploaded {directory} to {url} (commit {sha})")
+
+
+@cli.command("upload")
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option(
+    "--repo", required=True, metavar="ORG/NAME", help="Hub repository (created if need be)."
+)
+@click.option("--private", is_flag=True, help="Create the repository private.")
+@click.option("--revision", metavar="BRANCH", help="Branch to commit to (created from main).")
+@click.option("--commit-message", help="Commit message (default: model type and layout).")
+@quiet_option
+def upload_command(
+    directory: Path,
+    repo: str,
+    private: bool,
+    revision: str | None,
+    commit_message: str | None,
+    quiet: bool,
+) -> None:
+    """Publish a sharded checkpoint on the Hugging Face Hub.
+
+    Every rank file is re-hashed against the manifest first; the model card is rebuilt for
+    the repository. Rank files, manifest, config/tokenizer files and the card go up in one
+    commit; an interrupted upload resumes (files the Hub already has are not sent again).
+    Later, each rank of `reshard run hf:ORG/NAME` downloads only its own rank file.
+    The token comes from HF_TOKEN or `hf auth login`; reshard never prints or stores it.
+
+    \b
+    Examples:
+      reshard upload q3-ep4tp4 --repo me/Qwen3-30B-A3B-ep4tp4
+      reshard upload q3-ep4tp4 --repo me/Qwen3-30B-A3B-ep4tp4 --private --revision bf16
+    """
+    _upload(
+        directory,
+        repo,
+        private=private,
+        revision=revision,
+        commit_message=commit_message,
+        quiet=quiet,
     )
 
 
@@ -165,14 +232,14 @@ def plan(src: str, layout: str, dtype: str) -> None:
     """
     from reshard.convert import make_plan
     from reshard.layout import Layout
-    from reshard.modelcard import human_bytes, rank_table
+    from reshard.modelcard import human_bytes, plan_table
     from reshard.sources import open_source
 
     p = make_plan(open_source(src), Layout.parse(layout), dtype)
     click.echo(
         f"{src} -> {p.layout.name}: {p.layout.world_size} ranks, mesh {dict(p.layout.dims) or {'tp': 1}}"
     )
-    click.echo(rank_table(p))
+    click.echo(plan_table(p))
     total = sum(p.rank_bytes(r) for r in range(p.layout.world_size))
     click.echo(f"total {human_bytes(total)} ({total:,} bytes: the free disk space convert needs)")
 

@@ -413,7 +413,7 @@ def convert(
                 ranks=[done[r] for r in range(world)],
                 notes=_notes(plan),
             )
-            atomic_write_text(out / "README.md", model_card(manifest, plan))
+            atomic_write_text(out / "README.md", model_card(manifest))
             fsync_dir(out)  # every rename above is durable before the manifest says "finished"
             atomic_write_text(out / MANIFEST, manifest.to_json())
             return manifest

@@ -78,7 +78,7 @@ from datetime import datetime, timezone
 from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
+from urllib.parse import parse_qs, unquote, urlencode, urlsplit
 
 # What the Hub writes as a new repo's first commit (abridged to the common patterns).
 DEFAULT_GITATTRIBUTES = "".join(
@@ -145,6 +145,7 @@ class Request:
 
     method: str
     path: str  # percent-decoded, without the query
+    raw_path: str  # as sent: a revision's or folder's own "/" stays %2F here
     query: dict[str, list[str]]
     headers: dict[str, str]  # names lower-cased
     body_size: int
@@ -177,7 +178,11 @@ class _HubError(Exception):
     """An error answer, raised inside a route and turned into a JSON response."""
 
     def __init__(
-        self, status: int, message: str, code: str | None = None, headers: dict[str, str] | None = None
+        self,
+        status: int,
+        message: str,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -190,7 +195,11 @@ _Response = tuple[int, dict[str, str], bytes]
 
 
 def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> _Response:
-    return status, {"Content-Type": "application/json", **(headers or {})}, json.dumps(data).encode()
+    return (
+        status,
+        {"Content-Type": "application/json", **(headers or {})},
+        json.dumps(data).encode(),
+    )
 
 
 def _flag(query: dict[str, list[str]], name: str) -> bool:
@@ -346,7 +355,9 @@ class FakeHub:
         """
         with self._lock:
             self._failures.append(
-                _Failure(re.compile(path_regex), status, times, method and method.upper(), error_code)
+                _Failure(
+                    re.compile(path_regex), status, times, method and method.upper(), error_code
+                )
             )
 
     # -- internals: state --------------------------------------------------------------
@@ -396,8 +407,8 @@ class FakeHub:
             return True
         attributes = commit.files.get(".gitattributes", b"").decode(errors="replace")
         for line in attributes.splitlines():
-            pattern, *attrs = line.split()
-            if "filter=lfs" in attrs:
+            pattern, *attrs = line.split() or ["#"]
+            if not pattern.startswith("#") and "filter=lfs" in attrs:
                 target = path if "/" in pattern else path.rsplit("/", 1)[-1]
                 if fnmatch(target, pattern):
                     return True
@@ -489,7 +500,9 @@ class FakeHub:
         """Route one request. Runs under the lock: the fake favours simplicity over speed."""
         failure = self._take_failure(req)
         if failure is not None:
-            raise _HubError(failure.status, f"Injected failure ({failure.status})", failure.error_code)
+            raise _HubError(
+                failure.status, f"Injected failure ({failure.status})", failure.error_code
+            )
         segs = [unquote(s) for s in raw_path.split("/")[1:]]
         method = req.method
         if segs[:1] == ["api"]:
@@ -522,7 +535,10 @@ class FakeHub:
                     "emailVerified": True,
                     "isPro": False,
                     "orgs": [],
-                    "auth": {"type": "access_token", "accessToken": {"displayName": "fake", "role": "write"}},
+                    "auth": {
+                        "type": "access_token",
+                        "accessToken": {"displayName": "fake", "role": "write"},
+                    },
                 }
             )
         if segs == ["agent-harnesses"] and method == "GET":  # only without HF_HUB_DISABLE_TELEMETRY
@@ -560,7 +576,9 @@ class FakeHub:
             return _json({"error": "You already created this model repo", "url": url}, 409)
         private = payload.get("visibility", "private" if payload.get("private") else "public")
         self.create_repo(repo_id, private=private == "private")
-        return _json({"url": url, "name": repo_id, "id": hashlib.sha1(repo_id.encode()).hexdigest()[:24]})
+        return _json(
+            {"url": url, "name": repo_id, "id": hashlib.sha1(repo_id.encode()).hexdigest()[:24]}
+        )
 
     def _repo_api(self, req: Request, repo_id: str, rest: list[str], body: bytes) -> _Response:
         method = req.method
@@ -654,8 +672,7 @@ class FakeHub:
         if start + self.tree_page_size < len(entries):
             query = {"recursive": str(recursive).lower(), "expand": str(expand).lower()}
             query["cursor"] = str(start + self.tree_page_size)
-            raw = quote(req.path)
-            headers["Link"] = f'<{self.endpoint}{raw}?{urlencode(query)}>; rel="next"'
+            headers["Link"] = f'<{self.endpoint}{req.raw_path}?{urlencode(query)}>; rel="next"'
         return _json([self._entry(repo, commit, p, expand=expand) for p in page], headers=headers)
 
     def _paths_info(self, req: Request, repo: Repo, revision: str, body: bytes) -> _Response:
@@ -894,8 +911,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     hub: FakeHub
     protocol_version = "HTTP/1.1"  # keep-alive, as the client's httpx session expects
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
-        pass
+    def log_message(self, format: str, *args: Any) -> None:
+        """Silence the per-request stderr line; the hub's request log is the record."""
 
     def do_GET(self) -> None:
         self._handle()
@@ -923,6 +940,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         req = Request(
             method=self.command,
             path=unquote(split.path),
+            raw_path=split.path,
             query=parse_qs(split.query, keep_blank_values=True),
             headers={k.lower(): v for k, v in self.headers.items()},
             body_size=len(body),
@@ -961,7 +979,9 @@ def hub_env(
     `tmp_path/hf-home`, so calls with the same tmp_path share it. Loopback bypasses proxies.
     """
     env = {
-        k: v for k, v in os.environ.items() if not k.startswith(_ENV_PREFIXES) and k not in _ENV_DROP
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(_ENV_PREFIXES) and k not in _ENV_DROP
     }
     home = Path(tmp_path) / "hf-home"
     env.update(
@@ -1025,7 +1045,9 @@ def patched_client(
             if hasattr(constants, name):
                 mp.setattr(constants, name, value)
         if hasattr(_http, "_HUB_ORIGINS"):
-            mp.setattr(_http, "_HUB_ORIGINS", _http._HUB_ORIGINS | {_http._url_origin(hub.endpoint)})
+            mp.setattr(
+                _http, "_HUB_ORIGINS", _http._HUB_ORIGINS | {_http._url_origin(hub.endpoint)}
+            )
         mp.setattr(hf_api.api, "endpoint", hub.endpoint)
         _http.close_session()  # a fresh httpx client, built under the patched environment
         try:
