@@ -236,8 +236,11 @@ class FakeHub:
         self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self._server.daemon_threads = True
         self.endpoint = f"http://127.0.0.1:{self._server.server_address[1]}"
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, name="FakeHub", daemon=True
+        self._thread = threading.Thread(  # a short poll: close() returns in ~50 ms
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name="FakeHub",
+            daemon=True,
         )
         self._thread.start()
         self._closed = False
