@@ -681,6 +681,11 @@ def main() -> None:
     # SIGTERM unwinds like Ctrl-C, so `finally` blocks remove temp files and stop workers.
     signal.signal(signal.SIGINT, _on_stop_signal)
     signal.signal(signal.SIGTERM, _on_stop_signal)
+    if not os.environ.get("RESHARD_DEBUG"):
+        # huggingface_hub logs each retry as a warning; the outcome is our one line.
+        from huggingface_hub.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
     try:
         cli(standalone_mode=False)
     except click.exceptions.Abort:

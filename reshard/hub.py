@@ -115,13 +115,15 @@ def _fetch_small_files(repo: str, revision: str | None, name: str) -> Path | Non
     Returns the snapshot directory (named by the commit sha), or None when the
     repository holds no reshard.json (an ordinary Hugging Face checkpoint).
     """
-    from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub import constants, hf_hub_download, snapshot_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
     with hub_errors(name):
         try:
             manifest = Path(hf_hub_download(repo, MANIFEST, revision=revision))
-        except LocalEntryNotFoundError:
+        except LocalEntryNotFoundError as e:
+            if e.__cause__ is not None and not constants.HF_HUB_OFFLINE:
+                raise e.__cause__ from e  # the Hub failed (5xx, no connection): say so
             # Offline and not cached: no sharded checkpoint we can open; an ordinary one may
             # still be cached, and its own reader says what is missing.
             return None
