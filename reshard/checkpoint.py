@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 
-from reshard.errors import CheckpointError, ReshardError
+from reshard.errors import CheckpointError
 from reshard.layout import Layout
-from reshard.manifest import Manifest, load_manifest
+from reshard.manifest import FileEntry, Manifest, load_manifest
 from reshard.placements import Selection, local_selection, selection_shape
 from reshard.plan import ParamPlan
 from reshard.safetensors_header import read_header
@@ -48,14 +48,10 @@ class ShardedCheckpoint:
         self.fetch, self.blobs = fetch, blobs
         self.spec = spec or str(self.directory)  # what to pass to another process to reopen it
 
-    def rank_path(self, rank: int) -> Path:
-        """Rank `rank`'s file (fetched first from the Hub if need be); it must live in the
-        directory (or the Hub cache's blobs): a symlink may not lead anywhere else."""
-        if not 0 <= rank < self.layout.world_size:
-            raise CheckpointError(
-                f"rank {rank} out of range: layout {self.layout.name} has {self.layout.world_size} ranks"
-            )
-        path = self.directory / self.manifest.ranks[rank].file  # schema: a plain file name
+    def _path(self, name: str) -> Path:
+        """File `name` of the checkpoint (fetched first from the Hub if need be); it must live
+        in the directory (or the Hub cache's blobs): a symlink may not lead anywhere else."""
+        path = self.directory / name  # schema: a plain file name
         if self.fetch is not None and not path.exists():
             self.fetch(path.name)
         # realpath, unlike Path.resolve, does not raise on a symlink loop (is_file is then False).
@@ -67,6 +63,18 @@ class ShardedCheckpoint:
             raise CheckpointError(f"{path}: a symlink to {real}, outside the checkpoint")
         return path
 
+    def rank_files(self, rank: int) -> list[tuple[Path, FileEntry]]:
+        """Rank `rank`'s file, or its parts, with their manifest entries."""
+        if not 0 <= rank < self.layout.world_size:
+            raise CheckpointError(
+                f"rank {rank} out of range: layout {self.layout.name} has {self.layout.world_size} ranks"
+            )
+        return [(self._path(f.file), f) for f in self.manifest.ranks[rank].files]
+
+    def rank_path(self, rank: int) -> Path:
+        """Rank `rank`'s (first) file."""
+        return self.rank_files(rank)[0][0]
+
     def selection(self, name: str, rank: int) -> Selection:
         """Which global indices of parameter `name` rank `rank` holds."""
         p = self.params[name]
@@ -74,38 +82,45 @@ class ShardedCheckpoint:
         return local_selection(p.shape, p.placements, self.layout.mesh_shape, coords, what=name)
 
     def check_rank_file(self, rank: int, *, hash: bool = True) -> None:
-        """Raise CheckpointError unless rank `rank`'s file exists, has the manifest's size and
-        sha256 (skipped with `hash=False`), and its own header names this rank and layout and
-        holds exactly the manifest's tensors with their dtypes and local shapes."""
-        path, entry = self.rank_path(rank), self.manifest.ranks[rank]  # range-checked first
-        if not path.is_file():
-            what = "rank file missing"
-            if path.exists():
-                what = "not a regular file"
-            elif path.is_symlink():
-                what = "a symlink that leads nowhere (dangling, or a loop)"
-            raise CheckpointError(f"{path}: {what}")
-        size = path.stat().st_size
-        if size != entry.bytes:
-            raise CheckpointError(f"{path}: {size} bytes, manifest says {entry.bytes} (truncated?)")
-        if hash and sha256_file(path) != entry.sha256:
-            raise CheckpointError(
-                f"{path}: sha256 does not match the manifest (corrupt or replaced file)"
-            )
-        self._check_own_header(rank, path)
+        """Raise CheckpointError unless each of rank `rank`'s files exists, has the manifest's
+        size and sha256 (skipped with `hash=False`), and its own header names this rank, layout
+        (and part) and holds exactly the manifest's tensors with their dtypes and local shapes."""
+        files = self.rank_files(rank)  # range-checked first
+        for k, (path, entry) in enumerate(files, start=1):
+            if not path.is_file():
+                what = "rank file missing"
+                if path.exists():
+                    what = "not a regular file"
+                elif path.is_symlink():
+                    what = "a symlink that leads nowhere (dangling, or a loop)"
+                raise CheckpointError(f"{path}: {what}")
+            size = path.stat().st_size
+            if size != entry.bytes:
+                raise CheckpointError(
+                    f"{path}: {size} bytes, manifest says {entry.bytes} (truncated?)"
+                )
+            if hash and sha256_file(path) != entry.sha256:
+                raise CheckpointError(
+                    f"{path}: sha256 does not match the manifest (corrupt or replaced file)"
+                )
+            part = f"{k}/{len(files)}" if len(files) > 1 else None
+            self._check_own_header(rank, path, part, entry.tensors or list(self.params))
 
-    def _check_own_header(self, rank: int, path: Path) -> None:
-        """The file's own header says which rank and layout it holds: a swapped or copied file,
-        even with the manifest's hashes edited to match, is caught here."""
+    def _check_own_header(self, rank: int, path: Path, part: str | None, names: list[str]) -> None:
+        """The file's own header says which rank, layout and part it holds: a swapped or copied
+        file, even with the manifest's hashes edited to match, is caught here."""
         header = read_header(path, error=CheckpointError)
-        says = (header.metadata.get("reshard_rank"), header.metadata.get("reshard_layout"))
-        if says != (str(rank), self.layout.name):
+        meta = header.metadata
+        says = (meta.get("reshard_rank"), meta.get("reshard_layout"), meta.get("reshard_part"))
+        if says != (str(rank), self.layout.name, part):
+            which = f"rank {rank} of {self.layout.name}" + (f", part {part}" if part else "")
             raise CheckpointError(
-                f"{path}: its header says rank {says[0]} of layout {says[1]}, but it is listed as "
-                f"rank {rank} of {self.layout.name} (files swapped or copied?)"
+                f"{path}: its header says rank {says[0]} of layout {says[1]}"
+                + (f", part {says[2]}" if says[2] else "")
+                + f", but it is listed as {which} (files swapped or copied?)"
             )
-        names = set(header.tensors)
-        missing, extra = sorted(set(self.params) - names), sorted(names - set(self.params))
+        have = set(header.tensors)
+        missing, extra = sorted(set(names) - have), sorted(have - set(names))
         if missing or extra:
             raise CheckpointError(
                 f"{path}: lacks tensors {missing[:3]}, holds unlisted tensors {extra[:3]}"
@@ -117,6 +132,13 @@ class ShardedCheckpoint:
                     f"{path}: {name} is {info.dtype} {list(info.shape)}, the manifest says "
                     f"{expected[0]} {list(expected[1])}"
                 )
+
+    def tensor_file(self, rank: int, name: str) -> Path:
+        """The file of rank `rank` that holds tensor `name`."""
+        for path, entry in self.rank_files(rank):
+            if entry.tensors is None or name in entry.tensors:
+                return path
+        raise CheckpointError(f"rank {rank} holds no tensor {name}")
 
     def load_rank(
         self, rank: int, *, device: str | torch.device = "cpu", verify: bool = True
@@ -131,18 +153,37 @@ class ShardedCheckpoint:
 
     @contextmanager
     def open_rank(self, rank: int, *, device: str | torch.device = "cpu") -> Iterator:
-        """`safe_open` on rank `rank`'s file, its errors as one CheckpointError naming the file.
+        """The rank's tensors, read with `safe_open` from whichever file holds each; errors as
+        one CheckpointError naming the file. Does not check the files; call `check_rank_file`
+        first."""
+        handles = {}
+        with ExitStack() as stack:
+            for path, entry in self.rank_files(rank):
+                try:
+                    f = safe_open(str(path), framework="pt", device=str(device))
+                except (SafetensorError, OSError) as e:
+                    raise CheckpointError(f"{path}: cannot read ({str(e)[:200]})") from e
+                stack.enter_context(f)
+                for name in entry.tensors or self.params:
+                    handles[name] = (path, f)
+            yield _RankTensors(handles)
 
-        Does not check the file; call `check_rank_file` first.
-        """
-        path = self.rank_path(rank)
+
+class _RankTensors:
+    """`get_tensor(name)` across a rank's files."""
+
+    def __init__(self, handles: dict[str, tuple[Path, object]]):
+        self.handles = handles
+
+    def keys(self) -> list[str]:
+        return list(self.handles)
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        path, f = self.handles[name]
         try:
-            with safe_open(str(path), framework="pt", device=str(device)) as f:
-                yield f
-        except ReshardError:
-            raise
+            return f.get_tensor(name)
         except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"{path}: cannot read ({str(e)[:200]})") from e
+            raise CheckpointError(f"{path}: cannot read {name} ({str(e)[:200]})") from e
 
 
 def open_checkpoint(spec: str | Path) -> ShardedCheckpoint:

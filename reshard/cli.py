@@ -73,6 +73,13 @@ def cli() -> None:
     help="Replace a finished checkpoint of another layout in --out (refused without it).",
 )
 @click.option(
+    "--max-file-size",
+    default="45GB",
+    show_default=True,
+    help="Largest rank file; a larger rank is written as parts "
+    "rank-NNNNN-of-NNNNN-part-K.safetensors (the Hub takes files up to 50GB).",
+)
+@click.option(
     "--push-to-hub",
     metavar="ORG/NAME",
     help="After a successful convert, upload the result to this Hub repository (see upload).",
@@ -85,6 +92,7 @@ def convert(
     dtype: str,
     workers: int,
     overwrite: bool,
+    max_file_size: str,
     push_to_hub: str | None,
     quiet: bool,
 ) -> None:
@@ -115,7 +123,8 @@ def convert(
     from reshard.modelcard import human_bytes
     from reshard.sources import open_source
 
-    plan = make_plan(open_source(src), Layout.parse(layout), dtype)
+    limit = _size(max_file_size, "--max-file-size")
+    plan = make_plan(open_source(src), Layout.parse(layout), dtype, max_file_bytes=limit)
     manifest = run_convert(
         plan, out, workers=workers, progress=_progress(quiet), overwrite=overwrite
     )
@@ -125,6 +134,16 @@ def convert(
     )
     if push_to_hub:
         _upload(out, push_to_hub, private=False, revision=None, commit_message=None, quiet=quiet)
+
+
+def _size(text: str, option: str) -> int:
+    """`45GB`, `200KB`, ... in bytes, as huggingface_hub parses `max_shard_size`."""
+    from huggingface_hub.serialization._base import parse_size_to_int
+
+    try:
+        return parse_size_to_int(text)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint=option) from e
 
 
 def _upload(directory: Path, repo: str, **options) -> None:
@@ -204,15 +223,10 @@ def export(directory: Path, out: Path, max_shard_size: str, quiet: bool) -> None
       reshard export tiny-ep2tp2 --out tiny-hf
       reshard export q3-ep4tp4 --out Qwen3-30B-A3B-hf --max-shard-size 5GB
     """
-    from huggingface_hub.serialization._base import parse_size_to_int
-
     from reshard.export import export as run_export
     from reshard.modelcard import human_bytes
 
-    try:
-        limit = parse_size_to_int(max_shard_size)
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint="--max-shard-size") from e
+    limit = _size(max_shard_size, "--max-shard-size")
     files = run_export(directory, out, max_shard_size=limit, progress=_progress(quiet))
     total = sum(f.stat().st_size for f in files)
     click.echo(f"wrote {len(files)} safetensors files ({human_bytes(total)}) to {out}")
@@ -273,7 +287,10 @@ def inspect(directory: str, as_json: bool) -> None:
         click.echo(f"note: {note}")
     for r in m.ranks:
         coords = ", ".join(f"{k}={v}" for k, v in r.coords.items()) or "-"
-        click.echo(f"  {r.file}  {coords:<12}  {human_bytes(r.bytes):>9}  sha256 {r.sha256[:12]}")
+        for f in r.files:
+            click.echo(
+                f"  {f.file}  {coords:<12}  {human_bytes(f.bytes):>9}  sha256 {f.sha256[:12]}"
+            )
     click.echo(f"{len(m.params)} parameters:")
     for name, p in m.params.items():
         click.echo(

@@ -24,7 +24,7 @@ import shutil
 import signal
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -34,7 +34,15 @@ from reshard.converters import ModelSpec, get_spec
 from reshard.converters.lazy import CAST_DTYPES, Cast, LazyTensor, RepeatBlocks, read_selection
 from reshard.errors import LayoutError, OutputError, ReshardError, SourceError
 from reshard.layout import Layout
-from reshard.manifest import MANIFEST, Manifest, RankEntry, param_plan_to_json, rank_file_name
+from reshard.manifest import (
+    MANIFEST,
+    FileEntry,
+    Manifest,
+    RankEntry,
+    param_plan_to_json,
+    part_file_name,
+    rank_file_name,
+)
 from reshard.placements import Selection, local_selection, selection_shape
 from reshard.plan import ParamPlan, check_divisible, placements_for
 from reshard.sources import Source
@@ -75,6 +83,7 @@ class ConversionPlan:
     targets: dict[str, LazyTensor]
     params: dict[str, ParamPlan]
     dtype_name: str = "keep"
+    max_file_bytes: int | None = None  # above it a rank is written as several part files
 
     def rank_tensors(self, rank: int) -> list[LocalTensor]:
         coords = tuple(self.layout.coords(rank).values())
@@ -88,6 +97,20 @@ class ConversionPlan:
 
     def rank_bytes(self, rank: int) -> int:
         return sum(t.nbytes for t in self.rank_tensors(rank))
+
+    def rank_parts(self, rank: int) -> list[tuple[str, list[LocalTensor]]]:
+        """Rank `rank`'s files and the tensors each holds, in order: one file, or parts of at
+        most `max_file_bytes` of tensor data each (a larger tensor gets a part to itself)."""
+        world, parts, size = self.layout.world_size, [[]], 0
+        for t in self.rank_tensors(rank):
+            if parts[-1] and self.max_file_bytes and size + t.nbytes > self.max_file_bytes:
+                parts.append([])
+                size = 0
+            parts[-1].append(t)
+            size += t.nbytes
+        if len(parts) == 1:
+            return [(rank_file_name(rank, world), parts[0])]
+        return [(part_file_name(rank, world, k), p) for k, p in enumerate(parts, start=1)]
 
     def experts_held(self, rank: int) -> tuple[int, int]:
         """[first, last) expert indices that `rank` holds (all of them without EP)."""
@@ -106,6 +129,7 @@ class ConversionPlan:
                 "source": self.source.file_hashes(),
                 "layout": self.layout.name,
                 "dtype": self.dtype_name,
+                "files": [(f, [t.name for t in p]) for f, p in self.rank_parts(rank)],
                 "tensors": [
                     (t.name, str(t.dtype), t.shape, t.selection) for t in self.rank_tensors(rank)
                 ],
@@ -145,7 +169,9 @@ def model_args(spec: ModelSpec, source: Source) -> ModelArgs:
         raise SourceError(f"{source.path / 'config.json'}: {e}") from e
 
 
-def make_plan(source: Source, layout: Layout, dtype: str = "keep") -> ConversionPlan:
+def make_plan(
+    source: Source, layout: Layout, dtype: str = "keep", max_file_bytes: int | None = None
+) -> ConversionPlan:
     """Validate and plan the conversion of `source` to `layout`; reads headers only."""
     if dtype not in CAST_DTYPES:
         raise ReshardError(f"--dtype {dtype!r}: choose one of {', '.join(CAST_DTYPES)}")
@@ -187,6 +213,7 @@ def make_plan(source: Source, layout: Layout, dtype: str = "keep") -> Conversion
         targets=targets,
         params=params,
         dtype_name=dtype,
+        max_file_bytes=max_file_bytes,
     )
 
 
@@ -201,51 +228,49 @@ def _record_path(out: Path, rank: int) -> Path:
 
 
 def finished_entry(plan: ConversionPlan, rank: int, out: Path) -> RankEntry | None:
-    """Rank `rank`'s entry if an earlier run finished its file for exactly this plan, else None.
+    """Rank `rank`'s entry if an earlier run finished its files for exactly this plan, else None.
 
     A record that is missing, unreadable or for another plan, or a file whose size
     or hash disagrees with it, means "not finished": the rank is written again.
     """
-    path, record = out / rank_file_name(rank, plan.layout.world_size), _record_path(out, rank)
     try:
-        done = json.loads(record.read_text())
-        fingerprint, sha256, nbytes = done["fingerprint"], done["sha256"], done["bytes"]
+        done = json.loads(_record_path(out, rank).read_text())
+        fingerprint = done["fingerprint"]
+        files = [FileEntry(**f) for f in done["files"]]
     except (OSError, ValueError, TypeError, KeyError):
         return None
-    if fingerprint != plan.fingerprint(rank) or not path.is_file():
+    if fingerprint != plan.fingerprint(rank):
         return None
-    if path.stat().st_size != nbytes or sha256_file(path) != sha256:
+    if [f.file for f in files] != [name for name, _ in plan.rank_parts(rank)]:
         return None
-    return RankEntry(
-        rank=rank, coords=plan.layout.coords(rank), file=path.name, bytes=nbytes, sha256=sha256
-    )
+    for f in files:
+        path = out / f.file
+        if not path.is_file() or path.stat().st_size != f.bytes or sha256_file(path) != f.sha256:
+            return None
+    return RankEntry(rank=rank, coords=plan.layout.coords(rank), files=files)
 
 
 def write_rank(
     plan: ConversionPlan, rank: int, out: Path, on_tensor: Callable[[int], None] | None = None
 ) -> RankEntry:
-    """Write rank `rank`'s file and its completion record; return its manifest entry."""
-    path = out / rank_file_name(rank, plan.layout.world_size)
-    tensors = plan.rank_tensors(rank)
-    metadata = {"format": "pt", "reshard_layout": plan.layout.name, "reshard_rank": str(rank)}
-    with ShardWriter(path, [(t.name, t.dtype, t.shape) for t in tensors], metadata) as writer:
-        for t in tensors:
-            writer.write(t.name, read_local(plan, t))
-            if on_tensor:
-                on_tensor(t.nbytes)
-    record = {
-        "fingerprint": plan.fingerprint(rank),
-        "sha256": writer.sha256,
-        "bytes": writer.nbytes,
-    }
+    """Write rank `rank`'s file (or parts) and its completion record; return its manifest entry."""
+    parts = plan.rank_parts(rank)
+    files = []
+    for k, (name, tensors) in enumerate(parts, start=1):
+        metadata = {"format": "pt", "reshard_layout": plan.layout.name, "reshard_rank": str(rank)}
+        if len(parts) > 1:
+            metadata["reshard_part"] = f"{k}/{len(parts)}"
+        entries = [(t.name, t.dtype, t.shape) for t in tensors]
+        with ShardWriter(out / name, entries, metadata) as writer:
+            for t in tensors:
+                writer.write(t.name, read_local(plan, t))
+                if on_tensor:
+                    on_tensor(t.nbytes)
+        names = [t.name for t in tensors] if len(parts) > 1 else None
+        files.append(FileEntry(file=name, bytes=writer.nbytes, sha256=writer.sha256, tensors=names))
+    record = {"fingerprint": plan.fingerprint(rank), "files": [asdict(f) for f in files]}
     atomic_write_text(_record_path(out, rank), json.dumps(record))
-    return RankEntry(
-        rank=rank,
-        coords=plan.layout.coords(rank),
-        file=path.name,
-        bytes=writer.nbytes,
-        sha256=writer.sha256,
-    )
+    return RankEntry(rank=rank, coords=plan.layout.coords(rank), files=files)
 
 
 @contextlib.contextmanager
@@ -301,13 +326,12 @@ def _check_out(out: Path, layout: Layout, overwrite: bool) -> None:
             )
 
 
-def _prepare_out(out: Path, world: int) -> None:
+def _prepare_out(out: Path, world: int, keep: set[str]) -> None:
     """Under the lock: no temp files of killed runs, nothing that looks finished, no stale ranks."""
     _remove_temp_files(out)
     # Until the new manifest is written, the directory must not look finished.
     (out / MANIFEST).unlink(missing_ok=True)
-    # Rank files of another world size (an earlier layout) would be mistaken for ours.
-    keep = {rank_file_name(r, world) for r in range(world)}
+    # Rank files of another world size or split (an earlier run) would be mistaken for ours.
     for stale in out.glob("rank-*-of-*.safetensors"):
         if stale.name not in keep:
             stale.unlink()
@@ -384,7 +408,7 @@ def convert(
     _check_out(out, plan.layout, overwrite)
     with _locked(out):
         try:
-            _prepare_out(out, world)
+            _prepare_out(out, world, {f for r in range(world) for f, _ in plan.rank_parts(r)})
             plan.source.file_hashes()  # once, before workers fork: fingerprints and the manifest
             done = {r: e for r in range(world) if (e := finished_entry(plan, r, out)) is not None}
             todo = [r for r in range(world) if r not in done]

@@ -205,7 +205,7 @@ def upload(
     from reshard.writer import atomic_write_text
 
     atomic_write_text(Path(directory) / "README.md", model_card(ckpt.manifest, repo=repo))
-    files = [ckpt.manifest.ranks[r].file for r in range(ckpt.layout.world_size)]
+    files = [f.file for r in ckpt.manifest.ranks for f in r.files]
     api = HfApi()
     name = f"hf:{repo}"
     with hub_errors(name):

@@ -7,7 +7,9 @@ global shape, dtype, styles and placements, and every rank's file and hash.
 Nothing in it is trusted: `load_manifest` checks the whole document against the
 schema below before anything uses it (types, layout vs mesh, placements that
 parse and fit their shapes on this mesh, dtypes, rank order and coordinates,
-file names of the exact form `rank-NNNNN-of-NNNNN.safetensors`), so a hand-edited
+file names of the exact form `rank-NNNNN-of-NNNNN.safetensors`, or
+`rank-NNNNN-of-NNNNN-part-K.safetensors` for a rank split into parts to stay under a
+per-file size limit such as the Hub's), so a hand-edited
 or damaged manifest is one line naming the field, never a traceback and never
 the wrong shard.
 """
@@ -26,7 +28,8 @@ from reshard.layout import Layout
 from reshard.placements import Placement, StridedShard, normalize, parse_placement
 from reshard.plan import ParamPlan, check_divisible
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: ranks may be split into parts
+READS = (2, 3)
 MANIFEST = "reshard.json"
 
 
@@ -34,13 +37,44 @@ def rank_file_name(rank: int, world: int) -> str:
     return f"rank-{rank:05d}-of-{world:05d}.safetensors"
 
 
+def part_file_name(rank: int, world: int, part: int) -> str:
+    """Part `part` (1-based) of a rank written as several files."""
+    return f"rank-{rank:05d}-of-{world:05d}-part-{part}.safetensors"
+
+
+@dataclass(kw_only=True)
+class FileEntry:
+    """One file of a rank: the whole rank (`tensors` None) or one part of it."""
+
+    file: str
+    bytes: int
+    sha256: str
+    tensors: list[str] | None = None
+
+
 @dataclass(kw_only=True)
 class RankEntry:
     rank: int
     coords: dict[str, int]
-    file: str
-    bytes: int
-    sha256: str
+    files: list[FileEntry]
+
+    @property
+    def bytes(self) -> int:
+        return sum(f.bytes for f in self.files)
+
+    @property
+    def file(self) -> str:
+        """The rank's file name; for a rank in parts, the first part's and how many there are."""
+        if len(self.files) == 1:
+            return self.files[0].file
+        return f"{self.files[0].file} (+{len(self.files) - 1} parts)"
+
+    def to_json(self) -> dict:
+        head = {"rank": self.rank, "coords": self.coords}
+        if len(self.files) == 1:
+            (f,) = self.files
+            return {**head, "file": f.file, "bytes": f.bytes, "sha256": f.sha256}
+        return {**head, "parts": [asdict(f) for f in self.files]}
 
 
 @dataclass(kw_only=True)
@@ -68,7 +102,9 @@ class Manifest:
         return {name: param_plan_from_json(name, entry) for name, entry in self.params.items()}
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2) + "\n"
+        data = asdict(self)
+        data["ranks"] = [r.to_json() for r in self.ranks]
+        return json.dumps(data, indent=2) + "\n"
 
 
 def param_plan_to_json(plan: ParamPlan) -> dict:
@@ -104,6 +140,8 @@ MAX_JSON_INT = 2**53 - 1
 _REQUIRED = {"format_version", "layout", "mesh", "dtype", "source", "model_type", "config"}
 _PARAM_FIELDS = {"shape", "dtype", "styles", "placements"}
 _RANK_FIELDS = {"rank", "coords", "file", "bytes", "sha256"}
+_PARTS_FIELDS = {"rank", "coords", "parts"}
+_PART_FIELDS = {"file", "bytes", "sha256", "tensors"}
 
 
 class _Invalid(Exception):
@@ -154,7 +192,7 @@ def _expect_equal(value: Any, expected: Any, where: str, what: str) -> None:
 
 
 def _check_version(version: Any) -> None:
-    if _is_int(version) and version == FORMAT_VERSION:
+    if _is_int(version) and version in READS:
         return
     if _is_int(version) and version > FORMAT_VERSION:
         raise _Invalid(
@@ -163,7 +201,8 @@ def _check_version(version: Any) -> None:
         )
     raise _Invalid(
         "format_version",
-        f"{_show(version, 20)} is an old or unknown format (this reshard reads {FORMAT_VERSION}); "
+        f"{_show(version, 20)} is an old or unknown format (this reshard reads "
+        f"{' and '.join(map(str, READS))}); "
         "re-run `reshard convert` to rewrite this checkpoint",
     )
 
@@ -250,14 +289,7 @@ def _check_param(name: str, entry: Any, layout: Layout, cast_to: str | None) -> 
         raise _Invalid(f"{where}.placements", str(e)) from None
 
 
-def _check_rank(i: int, entry: Any, layout: Layout) -> RankEntry:
-    """ranks[i] is rank i: its coordinates on the layout's mesh and its exact file name."""
-    where = f"ranks[{i}]"
-    _expect_keys(_expect(entry, dict, where), _RANK_FIELDS, set(), where)
-    if not _is_int(entry["rank"]) or entry["rank"] != i:
-        raise _Invalid(f"{where}.rank", f"is {_show(entry['rank'], 20)}, must be {i}")
-    _expect_equal(entry["coords"], layout.coords(i), f"{where}.coords", f"rank {i}'s coordinates")
-    name = rank_file_name(i, layout.world_size)
+def _check_file(where: str, entry: dict, name: str) -> None:
     if entry["file"] != name:
         raise _Invalid(f"{where}.file", f"{_show(entry['file'], 80)} must be {name!r}")
     if not _is_count(entry["bytes"]):
@@ -266,7 +298,46 @@ def _check_rank(i: int, entry: Any, layout: Layout) -> RankEntry:
         raise _Invalid(
             f"{where}.sha256", f"{_show(entry['sha256'])} is not 64 lowercase hex digits"
         )
-    return RankEntry(**entry)
+
+
+def _check_rank(i: int, entry: Any, layout: Layout, params: set[str]) -> RankEntry:
+    """ranks[i] is rank i: its coordinates on the layout's mesh and its exact file names."""
+    where = f"ranks[{i}]"
+    _expect(entry, dict, where)
+    if "parts" in entry:
+        _expect_keys(entry, _PARTS_FIELDS, set(), where)
+    else:
+        _expect_keys(entry, _RANK_FIELDS, set(), where)
+    if not _is_int(entry["rank"]) or entry["rank"] != i:
+        raise _Invalid(f"{where}.rank", f"is {_show(entry['rank'], 20)}, must be {i}")
+    _expect_equal(entry["coords"], layout.coords(i), f"{where}.coords", f"rank {i}'s coordinates")
+    if "parts" not in entry:
+        _check_file(where, entry, rank_file_name(i, layout.world_size))
+        return RankEntry(
+            rank=i,
+            coords=entry["coords"],
+            files=[FileEntry(file=entry["file"], bytes=entry["bytes"], sha256=entry["sha256"])],
+        )
+    parts = _expect(entry["parts"], list, f"{where}.parts")
+    if len(parts) < 2:
+        raise _Invalid(f"{where}.parts", f"{len(parts)} parts; a rank in parts has at least 2")
+    files, seen = [], set()
+    for k, part in enumerate(parts, start=1):
+        at = f"{where}.parts[{k - 1}]"
+        _expect_keys(_expect(part, dict, at), _PART_FIELDS, set(), at)
+        _check_file(at, part, part_file_name(i, layout.world_size, k))
+        tensors = _expect_strings(part["tensors"], f"{at}.tensors")
+        for name in tensors:
+            if name in seen:
+                raise _Invalid(f"{at}.tensors", f"{_show(name)} is in two parts, or twice")
+            seen.add(name)
+        files.append(FileEntry(**{**part, "tensors": tensors}))
+    if seen != params:
+        missing, extra = sorted(params - seen), sorted(seen - params)
+        raise _Invalid(
+            f"{where}.parts", f"tensors missing {_show(missing[:3])}, unknown {_show(extra[:3])}"
+        )
+    return RankEntry(rank=i, coords=entry["coords"], files=files)
 
 
 def manifest_from_json(data: Any) -> Manifest:
@@ -293,7 +364,7 @@ def manifest_from_json(data: Any) -> Manifest:
     return Manifest(
         **{k: data[k] for k in _REQUIRED - {"format_version"}},
         params=data["params"],
-        ranks=[_check_rank(i, entry, layout) for i, entry in enumerate(ranks)],
+        ranks=[_check_rank(i, entry, layout, set(data["params"])) for i, entry in enumerate(ranks)],
         notes=notes,
     )
 

@@ -307,14 +307,14 @@ def _open_sharded(text: str, ckpt) -> Source:
     except (ReshardError, KeyError, ValueError, TypeError) as e:
         raise SourceError(f"{text}: not a usable sharded checkpoint: {e}") from e
     reader = SliceReader()
-    files = [ckpt.rank_path(r) for r in range(ckpt.layout.world_size)]
+    world = ckpt.layout.world_size
     tensors: dict[str, LazyTensor] = {}
     for name, p in ckpt.params.items():
         pieces: dict[tuple, LazyTensor] = {}  # replicas hold the same piece: read it once
-        for rank, file in enumerate(files):
+        for rank in range(world):
             selection = ckpt.selection(name, rank)
             local = SourceTensor(
-                path=str(file),
+                path=str(ckpt.tensor_file(rank, name)),
                 name=name,
                 shape=selection_shape(selection),
                 dtype=p.dtype,
@@ -329,7 +329,8 @@ def _open_sharded(text: str, ckpt) -> Source:
         if p.head_repeat > 1:
             tensor = _unrepeat(tensor, head_dim, p.head_repeat)
         tensors[name] = tensor
-    hashes = {f.name: ckpt.manifest.ranks[r].sha256 for r, f in enumerate(files)}
+    files = [path for r in range(world) for path, _ in ckpt.rank_files(r)]
+    hashes = {e.file: e.sha256 for r in range(world) for e in ckpt.manifest.ranks[r].files}
     return Source(
         text=text,
         path=ckpt.directory,

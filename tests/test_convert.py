@@ -112,7 +112,7 @@ def test_output_holds_exactly_the_rank_files_and_side_files(out):
 
 def test_manifest_fields(out, tiny_dir, hf_params):
     m = json.loads((out / "reshard.json").read_text())
-    assert m["format_version"] == 2
+    assert m["format_version"] == 3
     assert m["dtype"] == "keep"
     assert m["source"]["spec"] == "tiny:qwen3_moe"
     assert m["source"]["files"] == {

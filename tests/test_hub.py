@@ -231,3 +231,22 @@ def test_repo_ids_are_checked_before_anything_is_sent(hub, convert_tiny, tmp_pat
     one_error_line(result.returncode, result.stderr, "not a Hub repository id")
     assert hub.requests == []
     assert re.search(r"hf:org/name", result.stderr)
+
+
+def test_a_rank_in_parts_downloads_exactly_its_parts(hub, tmp_path):
+    out = tmp_path / "parted"
+    made = reshard(hub, tmp_path, "convert", "--src", "tiny:qwen3_moe", "--layout", "ep2",
+                   "--out", out, "--max-file-size", "300KB", "-q")  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    mine = sorted(p.name for p in out.glob("rank-00001-of-00002-part-*.safetensors"))
+    assert len(mine) >= 2
+    assert reshard(hub, tmp_path, "upload", out, "--repo", "me/parted", "-q").returncode == 0
+    assert set(mine) <= set(hub.files("me/parted"))
+    hub.clear_requests()
+    code = (
+        "from reshard.runtime import load_local_tensors; load_local_tensors('hf:me/parted', rank=1)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], env=hub_env(hub, tmp_path / "c", TOKEN),
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert sorted(f for f in hub.downloads("me/parted") if f.endswith(".safetensors")) == mine

@@ -202,11 +202,11 @@ CASES = {
     ),
     "format_version 1": (
         _set(["format_version"], 1),
-        "format_version: 1 is an old or unknown format (this reshard reads 2); "
+        "format_version: 1 is an old or unknown format (this reshard reads 2 and 3); "
         "re-run `reshard convert` to rewrite this checkpoint",
     ),
     "format_version 2.0": (_set(["format_version"], 2.0), "format_version: 2.0 is an old"),
-    "a newer format_version": (_set(["format_version"], 3), "upgrade reshard"),
+    "a newer format_version": (_set(["format_version"], 4), "upgrade reshard"),
     "one rank too many": (
         lambda m: m["ranks"].append(dict(m["ranks"][0], rank=4)),
         "ranks: 5 entries, layout ep2tp2 has 4",
