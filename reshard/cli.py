@@ -74,10 +74,10 @@ def cli() -> None:
 )
 @click.option(
     "--max-file-size",
-    default="45GB",
+    default="20GB",
     show_default=True,
     help="Largest rank file; a larger rank is written as parts "
-    "rank-NNNNN-of-NNNNN-part-K.safetensors (the Hub takes files up to 50GB).",
+    "rank-NNNNN-of-NNNNN-part-K.safetensors (the Hub recommends files under 20GB).",
 )
 @click.option(
     "--push-to-hub",
@@ -137,7 +137,7 @@ def convert(
 
 
 def _size(text: str, option: str) -> int:
-    """`45GB`, `200KB`, ... in bytes, as huggingface_hub parses `max_shard_size`."""
+    """`20GB`, `200KB`, ... in bytes, as huggingface_hub parses `max_shard_size`."""
     from huggingface_hub.serialization._base import parse_size_to_int
 
     try:

@@ -36,6 +36,7 @@ SMALL_FILES = (
     "chat_template.jinja",
 )
 COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
+FILES_PER_COMMIT = 50  # the Hub recommends commits of under 100 files
 
 
 def parse_spec(text: str) -> tuple[str, str | None]:
@@ -193,7 +194,9 @@ def upload(
 
     Every rank file is hashed against the manifest first. The model card is rebuilt for
     `repo` (its commands name it) and written into the directory before the upload.
-    Interrupted uploads resume: files the Hub already has are not sent again.
+    Rank files go up in commits of at most FILES_PER_COMMIT, then the manifest, card and
+    config/tokenizer files in a last commit. Interrupted uploads resume: files the Hub
+    already has are not sent again.
     """
     from huggingface_hub import HfApi
 
@@ -208,16 +211,29 @@ def upload(
     files = [f.file for r in ckpt.manifest.ranks for f in r.files]
     api = HfApi()
     name = f"hf:{repo}"
+    message = (
+        commit_message or f"reshard: {ckpt.manifest.model_type} sharded for {ckpt.layout.name}"
+    )
     with hub_errors(name):
         url = api.create_repo(repo, private=private, exist_ok=True)
         if revision:
             api.create_branch(repo, branch=revision, exist_ok=True)
+        # The Hub asks for commits of under 100 files. Rank files go first, in batches; the
+        # manifest goes last, so the repository never looks finished before its rank files.
+        batches = [files[i : i + FILES_PER_COMMIT] for i in range(0, len(files), FILES_PER_COMMIT)]
+        for k, batch in enumerate(batches, start=1):
+            api.upload_folder(
+                repo_id=repo,
+                folder_path=str(directory),
+                revision=revision,
+                commit_message=f"{message} (rank files {k}/{len(batches)})",
+                allow_patterns=batch,
+            )
         info = api.upload_folder(
             repo_id=repo,
             folder_path=str(directory),
             revision=revision,
-            commit_message=commit_message
-            or f"reshard: {ckpt.manifest.model_type} sharded for {ckpt.layout.name}",
-            allow_patterns=[*files, *SMALL_FILES],
+            commit_message=message,
+            allow_patterns=list(SMALL_FILES),
         )
     return str(url), info.oid

@@ -250,3 +250,23 @@ def test_a_rank_in_parts_downloads_exactly_its_parts(hub, tmp_path):
                             capture_output=True, text=True, timeout=120)  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert sorted(f for f in hub.downloads("me/parted") if f.endswith(".safetensors")) == mine
+
+
+def test_many_files_go_up_in_commits_of_under_100_and_the_manifest_last(hub, tmp_path):
+    out = tmp_path / "many"
+    made = reshard(hub, tmp_path, "convert", "--src", "tiny:qwen3_moe", "--layout", "ep4tp4",
+                   "--out", out, "--max-file-size", "40KB", "-q")  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    weights = sorted(p.name for p in out.glob("rank-*.safetensors"))
+    assert len(weights) > 50
+    assert reshard(hub, tmp_path, "upload", out, "--repo", "me/many", "-q").returncode == 0
+    repo = hub.repos["me/many"]
+    chain, oid = [], repo.branches["main"]
+    while oid is not None:
+        chain.append(repo.commits[oid])
+        oid = repo.commits[oid].parent
+    chain.reverse()  # oldest first: .gitattributes, rank batches, then the manifest
+    added = [set(c.files) - set(p.files) for p, c in zip(chain, chain[1:])]
+    assert all(len(a) < 100 for a in added)
+    assert "reshard.json" in added[-1] and not any("reshard.json" in a for a in added[:-1])
+    assert set(weights) <= set().union(*added[:-1])
