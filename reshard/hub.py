@@ -79,7 +79,7 @@ def hub_errors(name: str, error: type[ReshardError] = SourceError) -> Iterator[N
     except RevisionNotFoundError as e:
         raise error(f"{name}: no such revision (branch, tag or commit)") from e
     except EntryNotFoundError as e:
-        raise error(f"{name}: the repository has no such file ({e.__class__.__name__})") from e
+        raise error(f"{name}: the repository has no such file") from e
     except HfHubHTTPError as e:
         status = getattr(e.response, "status_code", None)
         if status == 401:

@@ -270,3 +270,19 @@ def test_many_files_go_up_in_commits_of_under_100_and_the_manifest_last(hub, tmp
     assert all(len(a) < 100 for a in added)
     assert "reshard.json" in added[-1] and not any("reshard.json" in a for a in added[:-1])
     assert set(weights) <= set().union(*added[:-1])
+
+
+def test_a_rank_file_missing_from_the_repo_is_one_line(hub, published, tmp_path):
+    hub.create_repo("me/holey")
+    files = hub.files(REPO)
+    hub.commit("me/holey", {k: v for k, v in files.items() if k != RANKS[3]})
+    result = reshard(hub, tmp_path, "verify", "hf:me/holey", "-q")
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    (line,) = [line for line in result.stderr.splitlines() if line.strip()]
+    assert line.startswith("FAIL ") and RANKS[3] in line and "no such file" in line, line
+    code = (
+        "from reshard.runtime import load_local_tensors; load_local_tensors('hf:me/holey', rank=3)"
+    )
+    api = subprocess.run([sys.executable, "-c", code], env=hub_env(hub, tmp_path / "c", TOKEN),
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert api.returncode != 0 and f"{RANKS[3]}: the repository has no such file" in api.stderr
