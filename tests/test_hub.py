@@ -286,3 +286,29 @@ def test_a_rank_file_missing_from_the_repo_is_one_line(hub, published, tmp_path)
     api = subprocess.run([sys.executable, "-c", code], env=hub_env(hub, tmp_path / "c", TOKEN),
                          capture_output=True, text=True, timeout=120)  # fmt: skip
     assert api.returncode != 0 and f"{RANKS[3]}: the repository has no such file" in api.stderr
+
+
+class _Endpoint:
+    """What patched_client needs of a FakeHub, picklable for another process."""
+
+    def __init__(self, endpoint: str):
+        self.endpoint = endpoint
+
+
+def _agree(rank: int, world: int, endpoint: str, tmp: str) -> str:
+    from fake_hub import patched_client
+
+    from reshard.hub import agree_on_revision
+
+    with patched_client(_Endpoint(endpoint), Path(tmp) / f"rank{rank}", TOKEN):
+        return agree_on_revision(f"hf:{REPO}")
+
+
+def test_ranks_take_rank_0s_commit_and_only_rank_0_resolves(hub, published, tmp_path):
+    from helpers_dist import run_on_ranks
+
+    hub.clear_requests()
+    pinned = run_on_ranks(_agree, 2, hub.endpoint, str(tmp_path), timeout_s=120)
+    assert pinned == [f"hf:{REPO}@{hub.head(REPO)}"] * 2
+    asked = [r for r in hub.requests if r.method == "HEAD" and "/resolve/main/" in r.path]
+    assert len(asked) == 1, asked  # one resolution of `main`, rank 0's: rank 1 took its sha
