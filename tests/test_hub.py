@@ -312,3 +312,17 @@ def test_ranks_take_rank_0s_commit_and_only_rank_0_resolves(hub, published, tmp_
     assert pinned == [f"hf:{REPO}@{hub.head(REPO)}"] * 2
     asked = [r for r in hub.requests if r.method == "HEAD" and "/resolve/main/" in r.path]
     assert len(asked) == 1, asked  # one resolution of `main`, rank 0's: rank 1 took its sha
+
+
+def test_a_hub_source_downloads_only_top_level_weights_and_side_files(hub, tiny_dir, tmp_path):
+    hub.create_repo("org/with-original")
+    files = {p.name: p.read_bytes() for p in tiny_dir.iterdir() if p.is_file()}
+    files["original/consolidated.00.safetensors"] = b"another format's copy" * 1000
+    files["original/params.json"] = b"{}"
+    hub.commit("org/with-original", files)
+    hub.clear_requests()
+    result = reshard(hub, tmp_path, "plan", "--src", "hf:org/with-original", "--layout", "ep2")
+    assert result.returncode == 0, result.stderr
+    fetched = hub.downloads("org/with-original")
+    assert fetched and not [f for f in fetched if f.startswith("original/")], fetched
+    assert {p.name for p in tiny_dir.glob("*.safetensors")} <= set(fetched)
