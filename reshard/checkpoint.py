@@ -186,14 +186,15 @@ class _RankTensors:
             raise CheckpointError(f"{path}: cannot read {name} ({str(e)[:200]})") from e
 
 
-def open_checkpoint(spec: str | Path) -> ShardedCheckpoint:
-    """A sharded checkpoint from a local directory or `hf:org/name[@revision]` (see reshard.hub)."""
+def open_checkpoint(spec: str | Path, *, manifest_only: bool = False) -> ShardedCheckpoint:
+    """A sharded checkpoint from a local directory or `hf:org/name[@revision]` (see reshard.hub;
+    `manifest_only`: of a Hub checkpoint fetch reshard.json and nothing else yet)."""
     text = str(spec)
     if not text.startswith("hf:"):
         return ShardedCheckpoint(spec)
     from reshard.hub import open_hub_checkpoint
 
-    ckpt = open_hub_checkpoint(text)
+    ckpt = open_hub_checkpoint(text, manifest_only=manifest_only)
     if ckpt is None:
         raise CheckpointError(
             f"{text}: holds no reshard.json, so it is not a sharded checkpoint "

@@ -275,7 +275,7 @@ def inspect(directory: str, as_json: bool) -> None:
     from reshard.checkpoint import open_checkpoint
     from reshard.modelcard import human_bytes
 
-    ckpt = open_checkpoint(directory)
+    ckpt = open_checkpoint(directory, manifest_only=True)
     m = ckpt.manifest
     if as_json:
         click.echo(m.to_json())

@@ -100,17 +100,21 @@ def hub_errors(name: str, error: type[ReshardError] = SourceError) -> Iterator[N
         raise
 
 
-def _cached_snapshot(repo: str, revision: str) -> Path | None:
-    """The snapshot directory of `repo` at commit `revision` if its manifest is cached."""
+def _cached_snapshot(repo: str, revision: str, files: tuple[str, ...]) -> Path | None:
+    """The snapshot directory of `repo` at commit `revision` if `files` are all cached."""
     from huggingface_hub import try_to_load_from_cache
 
     if not COMMIT_SHA.fullmatch(revision):
         return None
-    cached = try_to_load_from_cache(repo, MANIFEST, revision=revision)
-    return Path(cached).parent if isinstance(cached, str) else None
+    cached = [try_to_load_from_cache(repo, f, revision=revision) for f in files]
+    if not all(isinstance(c, str) for c in cached):
+        return None
+    return Path(cached[0]).parent
 
 
-def _fetch_small_files(repo: str, revision: str | None, name: str) -> Path | None:
+def _fetch_small_files(
+    repo: str, revision: str | None, name: str, manifest_only: bool = False
+) -> Path | None:
     """Fetch the manifest, pinning the revision; then the small files at that sha.
 
     Returns the snapshot directory (named by the commit sha), or None when the
@@ -131,17 +135,26 @@ def _fetch_small_files(repo: str, revision: str | None, name: str) -> Path | Non
         except EntryNotFoundError:
             return None
         sha = manifest.parent.name
+        if manifest_only:
+            return manifest.parent
         snapshot_download(
             repo, revision=sha, allow_patterns=list(SMALL_FILES), ignore_patterns=["*/*"]
         )
     return manifest.parent
 
 
-def open_hub_checkpoint(text: str) -> ShardedCheckpoint | None:
+def open_hub_checkpoint(text: str, *, manifest_only: bool = False) -> ShardedCheckpoint | None:
     """The sharded checkpoint at `hf:org/name[@revision]`, rank files fetched on demand, each
-    from the commit its manifest came from; None when the repository is not a sharded one."""
+    from the commit its manifest came from; None when the repository is not a sharded one.
+
+    The config / tokenizer files come too, unless `manifest_only` (`reshard inspect`)."""
     repo, revision = parse_spec(text)
-    snapshot = _cached_snapshot(repo, revision or "") or _fetch_small_files(repo, revision, text)
+    # config.json marks the small files fetched (every checkpoint carries it), not only the
+    # manifest, which `inspect` alone may have put in the cache.
+    needed = (MANIFEST,) if manifest_only else (MANIFEST, "config.json")
+    snapshot = _cached_snapshot(repo, revision or "", needed) or _fetch_small_files(
+        repo, revision, text, manifest_only
+    )
     if snapshot is None:
         return None
     sha = snapshot.name

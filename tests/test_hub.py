@@ -109,12 +109,12 @@ def test_upload_to_a_branch_and_private(hub, convert_tiny, tmp_path):
 # --- loading -------------------------------------------------------------------------------------
 
 
-def test_inspect_reads_only_the_small_files(hub, published, tmp_path):
+def test_inspect_reads_only_the_manifest(hub, published, tmp_path):
     hub.clear_requests()
     result = reshard(hub, tmp_path, "inspect", f"hf:{REPO}")
     assert result.returncode == 0, result.stderr
     assert "layout ep2tp2" in result.stdout
-    assert not [f for f in gets(hub, REPO) if f.endswith(".safetensors")]
+    assert gets(hub, REPO) == ["reshard.json"]
 
 
 def test_each_rank_downloads_only_its_own_file_and_a_second_run_nothing(hub, published, tmp_path):
@@ -155,6 +155,12 @@ def test_verify_from_the_hub_and_revisions_are_pinned(hub, published, tmp_path):
     hub.commit(REPO, {"reshard.json": b"{}"})  # main moves on, to something broken
     pinned = reshard(hub, tmp_path, "inspect", f"hf:{REPO}@{old}")
     assert pinned.returncode == 0 and "layout ep2tp2" in pinned.stdout, pinned.stderr
+    # after an inspect cached the manifest alone, a run still gets the tokenizer
+    fresh = tmp_path / "fresh"
+    assert reshard(hub, fresh, "inspect", f"hf:{REPO}@{old}").returncode == 0
+    ran = reshard(hub, fresh, "run", f"hf:{REPO}@{old}", "--prompt", "Hi", "--max-new-tokens",
+                  "2", "--device", "cpu")  # fmt: skip
+    assert ran.returncode == 0, ran.stderr
     moved = reshard(hub, tmp_path, "inspect", f"hf:{REPO}")
     assert moved.returncode == 1 and "reshard.json" in moved.stderr
     hub.commit(REPO, {"reshard.json": hub.files(REPO, old)["reshard.json"]})
