@@ -233,6 +233,59 @@ def export(directory: Path, out: Path, max_shard_size: str, quiet: bool) -> None
 
 
 @cli.command()
+@click.option(
+    "--like",
+    required=True,
+    type=click.Choice(["qwen3-30b-a3b", "qwen3-235b-a22b", "mixtral-8x7b"]),  # synth.PRESETS
+    help="The model whose tensor names, shapes, config and shard files to reproduce.",
+)
+@click.option(
+    "--layers", type=click.IntRange(min=1), help="Keep only the first N layers (default: all)."
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["bf16", "fp16", "fp32"]),
+    default="bf16",
+    show_default=True,
+    help="Data type of every tensor.",
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--out", required=True, type=click.Path(path_type=Path), help="Output directory (created)."
+)
+@quiet_option
+def synth(like: str, layers: int | None, dtype: str, seed: int, out: Path, quiet: bool) -> None:
+    """Write a checkpoint with a real model's exact tensor names, shapes and files, for
+    benchmarks: seeded random values, N of its layers, written at disk speed.
+
+    \b
+    Examples:
+      reshard synth --like qwen3-30b-a3b --layers 4 --out q3-4l
+      reshard synth --like mixtral-8x7b --layers 2 --out mx-2l --dtype fp32
+    """
+    from tqdm.auto import tqdm
+
+    from reshard.converters.lazy import CAST_DTYPES
+    from reshard.errors import OutputError
+    from reshard.modelcard import human_bytes
+    from reshard.synth import preset, synth_bytes, write_synth
+
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise OutputError(f"--out {out}: exists and is not an empty directory")
+    config, shard = preset(like, layers)
+    torch_dtype = CAST_DTYPES[dtype]
+    total = synth_bytes(config, torch_dtype)
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="synth", disable=not _progress(quiet))
+    with bar:
+        written = write_synth(
+            out, config, max_shard_size=shard, dtype=torch_dtype, seed=seed, on_bytes=bar.update
+        )
+    click.echo(
+        f"wrote {like} with {config['num_hidden_layers']} layers ({human_bytes(written)}) to {out}"
+    )
+
+
+@cli.command()
 @src_option
 @layout_option
 @dtype_option

@@ -34,7 +34,7 @@ from reshard.writer import ShardWriter, atomic_write_bytes, atomic_write_text, f
 DEFAULT_MAX_SHARD_SIZE = "50GB"  # transformers 5.x save_pretrained
 
 
-def _natural(name: str) -> list:
+def natural_order(name: str) -> list:
     """Sort key: model.layers.2 before model.layers.10."""
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
 
@@ -51,7 +51,7 @@ def hf_tensors(directory: str | Path) -> tuple[dict[str, LazyTensor], object]:
     if not (source.path / "reshard.json").is_file():
         raise SourceError(f"{directory}: not a sharded checkpoint (no reshard.json)")
     tensors = get_spec(source.model_type).to_sources(source.tensors)
-    return {name: tensors[name] for name in sorted(tensors, key=_natural)}, source
+    return {name: tensors[name] for name in sorted(tensors, key=natural_order)}, source
 
 
 def export(

@@ -1,0 +1,220 @@
+"""`reshard synth`: a Hugging Face checkpoint with a real model's exact tensor names and shapes.
+
+    reshard synth --like qwen3-30b-a3b --layers 4 --out q3-4l
+
+Benchmarks need the real shapes (a 128-expert MoE layer of Qwen3-30B-A3B is 1.2 GB of
+bf16 in 384 tensors) without downloading 60 GB. The names, shapes and file layout come
+from the family's own description (`param_shapes` of its config, read back through its
+converters to the checkpoint's per-expert names), so what is written is what the Hub
+holds for that model, with N of its layers. No model is built.
+
+Values are seeded normal(0, 0.02) for matrices and ones for norms, cut from one pool of
+random numbers per seed: the checkpoint is written at disk speed, and runs (its
+activations stay finite), though it says nothing sensible.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from reshard.architecture import param_shapes
+from reshard.converters import get_spec
+from reshard.converters.lazy import CAST_DTYPES, LazyTensor
+from reshard.errors import ReshardError
+from reshard.export import natural_order
+from reshard.writer import ShardWriter, atomic_write_text
+
+# From each model's public config.json (the fields reshard reads), and its shard size.
+PRESETS: dict[str, tuple[dict, str]] = {
+    "qwen3-30b-a3b": (
+        {
+            "architectures": ["Qwen3MoeForCausalLM"],
+            "model_type": "qwen3_moe",
+            "vocab_size": 151936,
+            "hidden_size": 2048,
+            "intermediate_size": 6144,
+            "moe_intermediate_size": 768,
+            "num_hidden_layers": 48,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 4,
+            "head_dim": 128,
+            "num_experts": 128,
+            "num_experts_per_tok": 8,
+            "norm_topk_prob": True,
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": [],
+            "hidden_act": "silu",
+            "rms_norm_eps": 1e-6,
+            "rope_theta": 1000000.0,
+            "max_position_embeddings": 40960,
+            "tie_word_embeddings": False,
+            "attention_bias": False,
+            "use_sliding_window": False,
+            "bos_token_id": 151643,
+            "eos_token_id": 151645,
+            "torch_dtype": "bfloat16",
+        },
+        "4GB",
+    ),
+    "qwen3-235b-a22b": (
+        {
+            "architectures": ["Qwen3MoeForCausalLM"],
+            "model_type": "qwen3_moe",
+            "vocab_size": 151936,
+            "hidden_size": 4096,
+            "intermediate_size": 12288,
+            "moe_intermediate_size": 1536,
+            "num_hidden_layers": 94,
+            "num_attention_heads": 64,
+            "num_key_value_heads": 4,
+            "head_dim": 128,
+            "num_experts": 128,
+            "num_experts_per_tok": 8,
+            "norm_topk_prob": True,
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": [],
+            "hidden_act": "silu",
+            "rms_norm_eps": 1e-6,
+            "rope_theta": 1000000.0,
+            "max_position_embeddings": 40960,
+            "tie_word_embeddings": False,
+            "attention_bias": False,
+            "use_sliding_window": False,
+            "bos_token_id": 151643,
+            "eos_token_id": 151645,
+            "torch_dtype": "bfloat16",
+        },
+        "4GB",
+    ),
+    "mixtral-8x7b": (
+        {
+            "architectures": ["MixtralForCausalLM"],
+            "model_type": "mixtral",
+            "vocab_size": 32000,
+            "hidden_size": 4096,
+            "intermediate_size": 14336,
+            "num_hidden_layers": 32,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 8,
+            "num_local_experts": 8,
+            "num_experts_per_tok": 2,
+            "hidden_act": "silu",
+            "rms_norm_eps": 1e-5,
+            "rope_theta": 1000000.0,
+            "max_position_embeddings": 32768,
+            "sliding_window": None,
+            "tie_word_embeddings": False,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            "torch_dtype": "bfloat16",
+        },
+        "5GB",
+    ),
+}
+POOL_ELEMENTS = 1 << 26  # 64 Mi values (128 MiB of bf16) of random numbers per seed
+
+
+class _Shape(LazyTensor):
+    """A tensor known only by shape: what the converters read backwards to name the files."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype):
+        self.shape, self.dtype = tuple(shape), dtype
+
+
+def hf_tensors(config: dict, dtype: torch.dtype) -> dict[str, tuple[int, ...]]:
+    """The checkpoint's tensor names (the family's HF names) and shapes for `config`."""
+    spec = get_spec(config["model_type"])
+    targets = {n: _Shape(s, dtype) for n, s in param_shapes(spec.parse_config(config)).items()}
+    sources = spec.to_sources(targets)
+    return {name: tuple(sources[name].shape) for name in sorted(sources, key=natural_order)}
+
+
+def synth_bytes(config: dict, dtype: torch.dtype) -> int:
+    """Bytes of tensor data `write_synth` writes for `config`."""
+    size = torch.empty((), dtype=dtype).element_size()
+    return sum(size * math.prod(s) for s in hf_tensors(config, dtype).values())
+
+
+def preset(like: str, layers: int | None = None) -> tuple[dict, str]:
+    """(config, max shard size) of a preset, with only its first `layers` layers."""
+    if like not in PRESETS:
+        raise ReshardError(f"--like {like!r}: choose one of {', '.join(PRESETS)}")
+    config, shard = copy.deepcopy(PRESETS[like])
+    total = config["num_hidden_layers"]
+    if layers is not None:
+        if not 1 <= layers <= total:
+            raise ReshardError(f"--layers {layers}: {like} has 1 to {total} layers")
+        config["num_hidden_layers"] = layers
+    return config, shard
+
+
+def _values(pool: torch.Tensor, name: str, shape: tuple[int, ...], dtype: torch.dtype):
+    """normal(0, 0.02) for matrices, ones for norms; cut from `pool` at an offset per name."""
+    if len(shape) == 1:
+        return torch.ones(shape, dtype=dtype)
+    n = math.prod(shape)
+    pieces, at = [], zlib.crc32(name.encode()) % pool.numel()
+    while n > 0:  # wrap around the pool: no copy unless the tensor crosses its end
+        take = min(n, pool.numel() - at)
+        pieces.append(pool[at : at + take])
+        n, at = n - take, 0
+    values = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+    return values.view(shape)
+
+
+def write_synth(
+    out: Path,
+    config: dict,
+    *,
+    max_shard_size: str = "4GB",
+    dtype: torch.dtype = torch.bfloat16,
+    seed: int = 0,
+    on_bytes: Callable[[int], None] | None = None,
+) -> int:
+    """Write the checkpoint of `config` into `out` (HF layout, index, config, tokenizer); return
+    the bytes of tensor data. One tensor is in memory at a time."""
+    from huggingface_hub.serialization import split_state_dict_into_shards_factory
+
+    from reshard.tiny import _tokenizer_json
+
+    shapes = hf_tensors(config, dtype)
+    size = torch.empty((), dtype=dtype).element_size()
+
+    def nbytes(shape: tuple[int, ...]) -> int:
+        return size * math.prod(shape)
+
+    split = split_state_dict_into_shards_factory(
+        shapes,
+        get_storage_size=nbytes,
+        filename_pattern="model{suffix}.safetensors",
+        max_shard_size=max_shard_size,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    pool = torch.randn(POOL_ELEMENTS, generator=g).mul_(0.02).to(dtype)  # the only random draw
+    for filename, names in split.filename_to_tensors.items():
+        entries = [(n, dtype, shapes[n]) for n in names]
+        with ShardWriter(out / filename, entries, {"format": "pt"}) as writer:
+            for name in names:
+                writer.write(name, _values(pool, name, shapes[name], dtype))
+                if on_bytes:
+                    on_bytes(nbytes(shapes[name]))
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        atomic_write_text(out / "model.safetensors.index.json", json.dumps(index, indent=2))
+    dtype_name = {v: k for k, v in CAST_DTYPES.items() if v is not None}[dtype]
+    config = {
+        **config,
+        "torch_dtype": {"bf16": "bfloat16", "fp16": "float16"}.get(dtype_name, "float32"),
+    }
+    atomic_write_text(out / "config.json", json.dumps(config, indent=2))
+    # A small byte-level tokenizer (its ids are a subset of the model's), so `reshard run` works.
+    atomic_write_text(out / "tokenizer.json", _tokenizer_json())
+    return sum(nbytes(s) for s in shapes.values())
