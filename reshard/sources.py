@@ -25,7 +25,6 @@ from reshard.converters.lazy import (
 )
 from reshard.errors import SourceError
 from reshard.safetensors_header import read_header, shown
-from reshard.writer import sha256_file
 
 # Files a sharded checkpoint carries along beside the rank files.
 SIDE_FILES = (
@@ -63,14 +62,15 @@ class Source:
         return [self.path / name for name in SIDE_FILES if (self.path / name).is_file()]
 
     def file_hashes(self) -> dict[str, str]:
-        """sha256 of every weight file, computed once; free for Hub-cache blobs, which are named by it."""
+        """sha256 of every weight file: free for Hub-cache blobs, which are named by it, and
+        for local files unchanged since they were last hashed (reshard.hash_cache)."""
         if self._hashes is None:
-            self._hashes = {}
-            for f in self.files:
-                blob = f.resolve().name
-                self._hashes[f.name] = (
-                    blob if re.fullmatch(r"[0-9a-f]{64}", blob) else sha256_file(f)
-                )
+            from reshard.hash_cache import cached_sha256
+
+            blobs = {f: f.resolve().name for f in self.files}
+            local = [f for f, blob in blobs.items() if not re.fullmatch(r"[0-9a-f]{64}", blob)]
+            hashed = cached_sha256(local)  # remembered while each file is unchanged
+            self._hashes = {f.name: hashed.get(f, blobs[f]) for f in self.files}
         return self._hashes
 
     def describe(self) -> dict:

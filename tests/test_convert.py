@@ -398,3 +398,39 @@ def test_inspect_shows_layout_and_params(out):
         assert any(r["file"] in line for line in lines)
     as_json = run("inspect", out, "--json")
     assert json.loads(as_json.output) == m
+
+
+def test_a_noop_rerun_hashes_nothing_and_a_touched_file_is_hashed_again(tmp_path, monkeypatch):
+    """Hashes of unchanged files are remembered (source: reshard.hash_cache; rank files: the
+    completion record's stat stamp), so a no-op re-run reads no weight bytes."""
+    import reshard.convert
+    import reshard.hash_cache
+
+    src = tmp_path / "src"
+    shutil.copytree(open_source_path("tiny:qwen3_moe"), src)
+    out = tmp_path / "out"
+    args = ("convert", "--src", src, "--layout", "ep2", "--out", out, "-q")
+    run(*args)
+    hashed: list[str] = []
+
+    def counting(path, *a, **k):
+        hashed.append(Path(path).name)
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+    monkeypatch.setattr(reshard.convert, "sha256_file", counting)
+    monkeypatch.setattr(reshard.hash_cache, "sha256_file", counting)
+    run(*args)
+    assert hashed == []
+    rank1 = out / "rank-00001-of-00002.safetensors"
+    rank1.write_bytes(rank1.read_bytes())  # same bytes, but touched: no longer provably ours
+    source = next(src.glob("*.safetensors"))
+    source.write_bytes(source.read_bytes())
+    run(*args)
+    assert sorted(hashed) == sorted([rank1.name, source.name])
+    run("verify", out, "--against", src)
+
+
+def open_source_path(spec: str) -> Path:
+    from reshard.sources import open_source
+
+    return open_source(spec).path
