@@ -1,0 +1,201 @@
+"""How long `reshard convert` takes against what moving the bytes costs, on one machine.
+
+    python benchmarks/convert.py --layers 2 --rounds 2 --json convert.json
+
+On a `reshard synth --like qwen3-30b-a3b` checkpoint of a few layers (written first, or
+given with --src), in one run, round-robin so machine noise hits every row alike:
+
+| row             | what runs                                                               |
+| --------------- | ----------------------------------------------------------------------- |
+| cp              | `cp -r SRC` to the same disk, then `sync` (the floor)                   |
+| reshard LAYOUT  | `reshard convert --src SRC --layout LAYOUT` (fresh --out), then `sync`  |
+| naive LAYOUT    | benchmarks/naive_convert.py (load, fuse, chunk, save_file), then `sync` |
+| verify LAYOUT   | `reshard verify OUT --against SRC`                                      |
+| no-op LAYOUT    | `reshard convert` again into the finished --out                         |
+
+For each: median wall time, bytes written, GB/s, the ratio to cp per byte written
+((t / bytes) / (t_cp / bytes_cp)), and peak RSS (the command's own, see
+convert_memory.py). The page cache is warm after the first round, as in the issue's
+figures; `--drop-caches` (root) drops it before every command instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from convert_memory import measure  # noqa: E402 - the same RSS launcher
+
+HERE = Path(__file__).resolve().parent
+GB = 1e9
+
+
+def reshard_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "reshard.cli", *args]
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def sync() -> None:
+    subprocess.run(["sync"], check=True)
+
+
+def drop_caches() -> None:
+    sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def run_row(name: str, cmd: list[str], out: Path | None, drop: bool) -> dict:
+    if drop:
+        drop_caches()
+    m = measure(cmd)
+    sync()  # the data is on disk, not only in the page cache, as for cp
+    return {
+        "row": name,
+        "wall_s": m.wall_s,
+        "peak_rss": m.peak_rss,
+        "bytes_written": dir_bytes(out) if out is not None and out.exists() else 0,
+    }
+
+
+def rounds(src: Path, work: Path, layouts: list[str], n: int, drop: bool) -> list[dict]:
+    results = []
+    for r in range(n):
+        for name, make in _rows(src, work, layouts):
+            out, cmd = make()
+            print(f"round {r + 1}/{n}: {name}", file=sys.stderr, flush=True)
+            results.append(run_row(name, cmd, out, drop))
+            if name.startswith(("cp", "naive")) and out is not None:
+                shutil.rmtree(out, ignore_errors=True)
+    return results
+
+
+def _rows(src: Path, work: Path, layouts: list[str]):
+    def fresh(path: Path) -> Path:
+        shutil.rmtree(path, ignore_errors=True)
+        return path
+
+    yield "cp", lambda: (fresh(work / "cp"), ["cp", "-r", str(src), str(work / "cp")])
+    for layout in layouts:
+        out = work / f"reshard-{layout}"
+        yield (
+            f"reshard {layout}",
+            lambda out=out, layout=layout: (
+                fresh(out),
+                reshard_cmd(
+                    "convert", "--src", str(src), "--layout", layout, "--out", str(out), "-q"
+                ),
+            ),
+        )
+        yield (
+            f"no-op {layout}",
+            lambda out=out, layout=layout: (
+                None,
+                reshard_cmd(
+                    "convert", "--src", str(src), "--layout", layout, "--out", str(out), "-q"
+                ),
+            ),
+        )
+        yield (
+            f"verify {layout}",
+            lambda out=out: (None, reshard_cmd("verify", str(out), "--against", str(src), "-q")),
+        )
+        naive = work / f"naive-{layout}"
+        yield (
+            f"naive {layout}",
+            lambda naive=naive, layout=layout: (
+                fresh(naive),
+                [
+                    sys.executable,
+                    str(HERE / "naive_convert.py"),
+                    str(src),
+                    str(naive),
+                    "--layout",
+                    layout,
+                ],
+            ),
+        )
+
+
+def summarize(results: list[dict], source_bytes: int) -> list[dict]:
+    rows: dict[str, list[dict]] = {}
+    for r in results:
+        rows.setdefault(r["row"], []).append(r)
+    cp = rows["cp"]
+    cp_s, cp_bytes = statistics.median(r["wall_s"] for r in cp), cp[0]["bytes_written"]
+    out = []
+    for name, rs in rows.items():
+        wall = statistics.median(r["wall_s"] for r in rs)
+        written = rs[0]["bytes_written"]
+        moved = written or source_bytes  # verify and no-op write nothing: per source byte
+        out.append(
+            {
+                "row": name,
+                "wall_s": wall,
+                "bytes_written": written,
+                "gb_per_s": moved / wall / GB,
+                "vs_cp_per_byte": (wall / moved) / (cp_s / cp_bytes),
+                "peak_rss_mb": max(r["peak_rss"] for r in rs) / 2**20,
+            }
+        )
+    return out
+
+
+def print_table(rows: list[dict]) -> None:
+    print("| row | wall s | GB written | GB/s | x cp per byte | peak RSS MB |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(
+            f"| {r['row']} | {r['wall_s']:.1f} | {r['bytes_written'] / GB:.2f} | "
+            f"{r['gb_per_s']:.2f} | {r['vs_cp_per_byte']:.2f} | {r['peak_rss_mb']:,.0f} |"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--src", type=Path, help="an existing checkpoint (default: synth one)")
+    p.add_argument("--layers", type=int, default=2, help="layers of the synth Qwen3-30B-A3B")
+    p.add_argument("--layouts", default="tp4-tp2ep,ep4tp4,tp8")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--work", type=Path, help="scratch directory on the disk to measure")
+    p.add_argument("--drop-caches", action="store_true", help="cold page cache (needs root)")
+    p.add_argument("--json", type=Path, help="also write the rows here")
+    args = p.parse_args(argv)
+    work = args.work or Path(tempfile.mkdtemp(prefix="reshard-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    src = args.src
+    if src is None:
+        src = work / "src"
+        if not (src / "config.json").exists():
+            shutil.rmtree(src, ignore_errors=True)
+            subprocess.run(
+                reshard_cmd("synth", "--like", "qwen3-30b-a3b", "--layers", str(args.layers),
+                            "--out", str(src), "-q"),
+                check=True,
+            )  # fmt: skip
+    layouts = args.layouts.split(",")
+    results = rounds(src, work, layouts, args.rounds, args.drop_caches)
+    rows = summarize(results, dir_bytes(src))
+    print(
+        f"source: {src} ({dir_bytes(src) / GB:.2f} GB), {os.cpu_count()} CPUs, {args.rounds} rounds"
+    )
+    print_table(rows)
+    if args.json:
+        args.json.write_text(json.dumps({"rows": rows, "raw": results}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
