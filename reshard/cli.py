@@ -438,13 +438,14 @@ def _nodes_options(f):
     return f
 
 
-def _checkpoint(src: str, layout: str | None, quiet: bool):
+def _checkpoint(src: str | Path, layout: str | None, quiet: bool):
     """SRC as a finished sharded checkpoint: as given (a directory or hf:org/name), or, with
     --layout of another layout or a source that is not sharded, converted into the cache."""
     from reshard.checkpoint import ShardedCheckpoint
     from reshard.layout import Layout
     from reshard.manifest import MANIFEST
 
+    src = str(src)
     wanted = Layout.parse(layout).name if layout else None
     ckpt = None
     if src.startswith("hf:"):
@@ -694,11 +695,11 @@ def quickstart(ctx, layout: str, out: Path, prompt: str) -> None:
                 quiet=True,
             ),
         ),
-        (verify, dict(directory=out, against="tiny:qwen3_moe", quiet=True)),
+        (verify, dict(directory=str(out), against="tiny:qwen3_moe", quiet=True)),
         (
             validate,
             dict(
-                directory=out,
+                directory=str(out),
                 against="tiny:qwen3_moe",
                 reference="streamed",
                 tolerance=1e-4,
