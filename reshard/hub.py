@@ -21,20 +21,10 @@ from pathlib import Path
 from reshard.checkpoint import ShardedCheckpoint
 from reshard.errors import ReshardError, SourceError
 from reshard.manifest import MANIFEST
+from reshard.sources import SIDE_FILES
 
-# The small files every command needs before any rank file: manifest, config, tokenizer, card.
-SMALL_FILES = (
-    MANIFEST,
-    "README.md",
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.jinja",
-)
+# The small files every command needs before any rank file: manifest, card, config, tokenizer.
+SMALL_FILES = (MANIFEST, "README.md", *SIDE_FILES)
 COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
 FILES_PER_COMMIT = 50  # the Hub recommends commits of under 100 files
 
