@@ -356,7 +356,8 @@ def test_experts_module_matches_transformers_experts():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="grouped_mm path is CUDA bf16")
-def test_grouped_mm_path_matches_loop_on_cuda(monkeypatch):
+@pytest.mark.parametrize("transposed", [False, True], ids=["v5-layout", "llama4-layout"])
+def test_grouped_mm_path_matches_loop_on_cuda(monkeypatch, transposed):
     # Count calls to the entry point runtime.model picks (F.grouped_mm calls
     # torch._grouped_mm itself, so only one of them is wrapped).
     calls = []
@@ -373,9 +374,19 @@ def test_grouped_mm_path_matches_loop_on_cuda(monkeypatch):
     gate_up = torch.randn(6, 96, 64, generator=gen) / 8
     down = torch.randn(6, 64, 48, generator=gen) / 7
     bf16 = [t.cuda().bfloat16().requires_grad_() for t in (x, gate_up, down)]
-    got = grouped_expert_mlp(bf16[0], counts.cuda(), *bf16[1:])
+    if transposed:  # Llama 4 stores [E, H, 2I] and [E, I, H]: the same math
+        stored = [
+            bf16[0],
+            *(w.detach().transpose(-2, -1).contiguous().requires_grad_() for w in bf16[1:]),
+        ]
+        got = grouped_expert_mlp(stored[0], counts.cuda(), *stored[1:], transposed=True)
+    else:
+        got = grouped_expert_mlp(bf16[0], counts.cuda(), *bf16[1:])
     assert len(calls) == 2  # gate_up and down went through grouped_mm
     got.float().square().sum().backward()
+    if transposed:  # gradients back in the v5 layout, to compare with the loop below
+        for b, t in zip(bf16[1:], stored[1:], strict=True):
+            b.grad = t.grad.transpose(-2, -1)
     fp32 = [t.detach().float().requires_grad_() for t in bf16]
     want = grouped_expert_mlp(fp32[0], counts.cuda(), *fp32[1:])  # fp32 takes the loop
     want.square().sum().backward()
