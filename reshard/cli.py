@@ -50,6 +50,8 @@ def cli() -> None:
       reshard plan --src hf:Qwen/Qwen3-30B-A3B --layout ep4tp4
       reshard verify tiny-ep2tp2 --against tiny:qwen3_moe
       reshard export tiny-ep2tp2 --out tiny-hf
+      reshard upload tiny-ep2tp2 --repo me/tiny-ep2tp2
+      reshard run hf:me/tiny-ep2tp2 --prompt "Why is the sky blue?"
     """
 
 
