@@ -195,34 +195,20 @@ def _open_weights(directory: Path) -> tuple[list[Path], dict[str, SourceTensor],
 def _hub_snapshot(repo: str, revision: str | None) -> Path:
     """Download (or find in the Hub cache) the weights, config and tokenizer files of `repo`.
 
-    huggingface_hub reads HF_HUB_OFFLINE, HF_HOME and HF_HUB_CACHE itself.
+    huggingface_hub reads HF_HUB_OFFLINE, HF_HOME and HF_HUB_CACHE itself; its errors become
+    reshard.hub's one-line messages.
     """
-    from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import (
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-    )
+    from huggingface_hub import snapshot_download
 
-    name = f"hf:{repo}" + (f"@{revision}" if revision else "")
-    try:
+    from reshard.hub import hub_errors
+
+    with hub_errors(f"hf:{repo}" + (f"@{revision}" if revision else "")):
         # Top-level files only: repos such as Llama's keep other formats under original/.
         return Path(
             snapshot_download(
                 repo, revision=revision, allow_patterns=_HUB_PATTERNS, ignore_patterns=["*/*"]
             )
         )
-    except LocalEntryNotFoundError as e:
-        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the Hub cannot be reached"
-        raise SourceError(
-            f"{name}: not in the local Hub cache ({constants.HF_HUB_CACHE}) and {why}"
-        ) from e
-    except RepositoryNotFoundError as e:
-        raise SourceError(
-            f"{name}: no such repository, or it is gated (run `hf auth login`)"
-        ) from e
-    except HfHubHTTPError as e:
-        raise SourceError(f"{name}: download failed: {e}") from e
 
 
 def open_source(text: str) -> Source:
@@ -257,9 +243,10 @@ def open_source(text: str) -> Source:
         from reshard.errors import ReshardError
 
         try:
-            return _open_sharded(text, ShardedCheckpoint(path))
+            ckpt = ShardedCheckpoint(path)
         except ReshardError as e:
             raise SourceError(f"{text}: not a usable sharded checkpoint: {e}") from e
+        return _open_sharded(text, ckpt)
     config = _read_json(path / "config.json")
     if not isinstance(config.get("model_type"), str):
         raise SourceError(f"{path / 'config.json'}: no model_type; which model is this?")

@@ -90,8 +90,9 @@ def test_each_new_rank_reads_only_the_old_ranks_holding_its_experts(convert_tiny
 def test_a_damaged_rank_file_is_refused_before_resharding(tmp_path, convert_tiny):
     src = Path(shutil.copytree(convert_tiny("ep2"), tmp_path / "ep2"))
     flip_a_data_byte(src / "rank-00001-of-00002.safetensors")
-    with pytest.raises(SourceError, match=r"rank-00001-of-00002.safetensors: sha256"):
+    with pytest.raises(SourceError, match=r"rank-00001-of-00002.safetensors: sha256") as e:
         open_source(str(src))
+    assert str(e.value).count("not a usable sharded checkpoint") == 1, e.value
 
 
 def test_out_may_not_be_the_source(tmp_path, convert_tiny):
