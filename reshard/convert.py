@@ -33,6 +33,7 @@ from reshard.architecture import ModelArgs
 from reshard.converters import ModelSpec, get_spec
 from reshard.converters.lazy import CAST_DTYPES, Cast, LazyTensor, RepeatBlocks, read_selection
 from reshard.errors import LayoutError, OutputError, ReshardError, SourceError
+from reshard.hash_cache import stamp
 from reshard.layout import Layout
 from reshard.manifest import (
     MANIFEST,
@@ -249,14 +250,9 @@ def finished_entry(plan: ConversionPlan, rank: int, out: Path) -> RankEntry | No
             return None
         # Untouched since we wrote it (same inode, size, mtime, ctime): its hash is the
         # writer's. Anything else is hashed again.
-        if stamps.get(f.file) != _stamp(path) and sha256_file(path) != f.sha256:
+        if stamps.get(f.file) != stamp(path) and sha256_file(path) != f.sha256:
             return None
     return RankEntry(rank=rank, coords=plan.layout.coords(rank), files=files)
-
-
-def _stamp(path: Path) -> list[int]:
-    st = path.stat()
-    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 
 
 def write_rank(
@@ -280,7 +276,7 @@ def write_rank(
     record = {
         "fingerprint": plan.fingerprint(rank),
         "files": [asdict(f) for f in files],
-        "stamps": {f.file: _stamp(out / f.file) for f in files},
+        "stamps": {f.file: stamp(out / f.file) for f in files},
     }
     atomic_write_text(_record_path(out, rank), json.dumps(record))
     return RankEntry(rank=rank, coords=plan.layout.coords(rank), files=files)

@@ -15,7 +15,8 @@ from pathlib import Path
 from reshard.writer import atomic_write_text, sha256_file
 
 
-def _stamp(path: Path) -> list[int]:
+def stamp(path: Path) -> list[int]:
+    """What any rewrite of the file changes: device, inode, size, mtime, ctime."""
     st = os.stat(path)
     return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 
@@ -38,18 +39,18 @@ def cached_sha256(paths: list[Path]) -> dict[Path, str]:
     """sha256 of each of `paths`, from the cache where the file is unchanged since."""
     cache, out, changed = _load(), {}, False
     for path in paths:
-        key, stamp = os.path.realpath(path), _stamp(path)
+        key, before = os.path.realpath(path), stamp(path)
         hit = cache.get(key)
         if (
             isinstance(hit, dict)
-            and hit.get("stamp") == stamp
+            and hit.get("stamp") == before
             and isinstance(hit.get("sha256"), str)
         ):
             out[path] = hit["sha256"]
             continue
         out[path] = sha256_file(path)
-        if _stamp(path) == stamp:  # not rewritten while we read it
-            cache[key] = {"stamp": stamp, "sha256": out[path]}
+        if stamp(path) == before:  # not rewritten while we read it
+            cache[key] = {"stamp": before, "sha256": out[path]}
             changed = True
     if changed:
         try:
