@@ -20,6 +20,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from huggingface_hub.serialization import split_state_dict_into_shards_factory
@@ -54,6 +55,35 @@ def hf_tensors(directory: str | Path) -> tuple[dict[str, LazyTensor], object]:
     return {name: tensors[name] for name in sorted(tensors, key=natural_order)}, source
 
 
+def write_hf_weights(
+    out: Path,
+    tensors: Mapping[str, LazyTensor],
+    max_shard_size: int | str,
+    on_bytes: Callable[[int], None] | None = None,
+) -> int:
+    """Write `tensors` as save_pretrained does: `model.safetensors`, or above
+    `max_shard_size` files `model-0000K-of-0000N.safetensors` split by huggingface_hub's
+    policy and `model.safetensors.index.json`. One tensor in memory at a time; returns the
+    bytes of tensor data."""
+    split = split_state_dict_into_shards_factory(
+        dict(tensors),
+        get_storage_size=_nbytes,
+        filename_pattern="model{suffix}.safetensors",
+        max_shard_size=max_shard_size,
+    )
+    for filename, names in split.filename_to_tensors.items():
+        entries = [(n, tensors[n].dtype, tuple(tensors[n].shape)) for n in names]
+        with ShardWriter(out / filename, entries, {"format": "pt"}) as writer:
+            for name in names:
+                writer.write(name, tensors[name].materialize().contiguous())
+                if on_bytes:
+                    on_bytes(_nbytes(tensors[name]))
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        atomic_write_text(out / "model.safetensors.index.json", json.dumps(index, indent=2))
+    return sum(_nbytes(t) for t in tensors.values())
+
+
 def export(
     directory: str | Path,
     out: Path,
@@ -66,12 +96,6 @@ def export(
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise OutputError(f"--out {out}: exists and is not an empty directory")
     tensors, source = hf_tensors(directory)
-    split = split_state_dict_into_shards_factory(
-        tensors,
-        get_storage_size=_nbytes,
-        filename_pattern="model{suffix}.safetensors",
-        max_shard_size=max_shard_size,
-    )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.export-{os.getpid()}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -85,15 +109,7 @@ def export(
             disable=not progress,
         )
         with bar, source.reader.session():
-            for filename, names in split.filename_to_tensors.items():
-                entries = [(n, tensors[n].dtype, tuple(tensors[n].shape)) for n in names]
-                with ShardWriter(tmp / filename, entries, {"format": "pt"}) as writer:
-                    for name in names:
-                        writer.write(name, tensors[name].materialize().contiguous())
-                        bar.update(_nbytes(tensors[name]))
-        if split.is_sharded:
-            index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
-            atomic_write_text(tmp / "model.safetensors.index.json", json.dumps(index, indent=2))
+            write_hf_weights(tmp, tensors, max_shard_size, on_bytes=bar.update)
         for f in source.side_files():
             atomic_write_bytes(tmp / f.name, f.read_bytes())
         fsync_dir(tmp)

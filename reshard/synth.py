@@ -26,10 +26,10 @@ import torch
 
 from reshard.architecture import param_shapes
 from reshard.converters import get_spec
-from reshard.converters.lazy import CAST_DTYPES, LazyTensor
+from reshard.converters.lazy import LazyTensor
 from reshard.errors import ReshardError
-from reshard.export import natural_order
-from reshard.writer import ShardWriter, atomic_write_text
+from reshard.export import natural_order, write_hf_weights
+from reshard.writer import atomic_write_text
 
 # From each model's public config.json (the fields reshard reads), and its shard size.
 _QWEN3_30B = {
@@ -107,6 +107,18 @@ class _Shape(LazyTensor):
         self.shape, self.dtype = tuple(shape), dtype
 
 
+class _Synthetic(_Shape):
+    """A tensor whose values are cut from the random pool (see `_values`)."""
+
+    def __init__(self, pool: torch.Tensor, name: str, shape: tuple[int, ...]):
+        super().__init__(shape, pool.dtype)
+        self.pool, self.name = pool, name
+
+    def read(self, box) -> torch.Tensor:
+        values = _values(self.pool, self.name, self.shape, self.dtype)
+        return values[tuple(slice(a, b) for a, b in box)]
+
+
 def hf_tensors(config: dict, dtype: torch.dtype) -> dict[str, tuple[int, ...]]:
     """The checkpoint's tensor names (the family's HF names) and shapes for `config`."""
     spec = get_spec(config["model_type"])
@@ -159,41 +171,15 @@ def write_synth(
 ) -> int:
     """Write the checkpoint of `config` into `out` (HF layout, index, config, tokenizer); return
     the bytes of tensor data. One tensor is in memory at a time."""
-    from huggingface_hub.serialization import split_state_dict_into_shards_factory
-
     from reshard.tiny import _tokenizer_json
 
-    shapes = hf_tensors(config, dtype)
-    size = torch.empty((), dtype=dtype).element_size()
-
-    def nbytes(shape: tuple[int, ...]) -> int:
-        return size * math.prod(shape)
-
-    split = split_state_dict_into_shards_factory(
-        shapes,
-        get_storage_size=nbytes,
-        filename_pattern="model{suffix}.safetensors",
-        max_shard_size=max_shard_size,
-    )
-    out.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(seed)
     pool = torch.randn(POOL_ELEMENTS, generator=g).mul_(0.02).to(dtype)  # the only random draw
-    for filename, names in split.filename_to_tensors.items():
-        entries = [(n, dtype, shapes[n]) for n in names]
-        with ShardWriter(out / filename, entries, {"format": "pt"}) as writer:
-            for name in names:
-                writer.write(name, _values(pool, name, shapes[name], dtype))
-                if on_bytes:
-                    on_bytes(nbytes(shapes[name]))
-    if split.is_sharded:
-        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
-        atomic_write_text(out / "model.safetensors.index.json", json.dumps(index, indent=2))
-    dtype_name = {v: k for k, v in CAST_DTYPES.items() if v is not None}[dtype]
-    config = {
-        **config,
-        "torch_dtype": {"bf16": "bfloat16", "fp16": "float16"}.get(dtype_name, "float32"),
-    }
+    tensors = {n: _Synthetic(pool, n, s) for n, s in hf_tensors(config, dtype).items()}
+    out.mkdir(parents=True, exist_ok=True)
+    written = write_hf_weights(out, tensors, max_shard_size, on_bytes)
+    config = {**config, "torch_dtype": str(dtype).removeprefix("torch.")}
     atomic_write_text(out / "config.json", json.dumps(config, indent=2))
     # A small byte-level tokenizer (its ids are a subset of the model's), so `reshard run` works.
     atomic_write_text(out / "tokenizer.json", _tokenizer_json())
-    return sum(nbytes(s) for s in shapes.values())
+    return written
