@@ -40,6 +40,16 @@ def reshard(hub: FakeHub, tmp: Path, *args: str, token: str | None = TOKEN, offl
     )
 
 
+def load_rank(hub: FakeHub, tmp: Path, spec: str, rank: int) -> subprocess.CompletedProcess:
+    """`load_local_tensors(spec, rank=rank)` in a fresh process talking to `hub`; prints the
+    number of tensors it returned."""
+    code = f"from reshard.runtime import load_local_tensors\nprint(len(load_local_tensors({spec!r}, rank={rank})))"
+    return subprocess.run(
+        [sys.executable, "-c", code], env=hub_env(hub, tmp, token=TOKEN),
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
 def gets(hub: FakeHub, repo: str) -> list[str]:
     return sorted(hub.downloads(repo))
 
@@ -135,15 +145,7 @@ def test_each_rank_downloads_only_its_own_file_and_a_second_run_nothing(hub, pub
 
 def test_python_api_fetches_one_rank_file(hub, published, tmp_path):
     hub.clear_requests()
-    code = (
-        "from reshard.runtime import load_local_tensors\n"
-        f"t = load_local_tensors('hf:{REPO}', rank=2)\n"
-        "print(len(t))\n"
-    )
-    env = hub_env(hub, tmp_path, token=TOKEN)
-    result = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
-    )
+    result = load_rank(hub, tmp_path, f"hf:{REPO}", 2)
     assert result.returncode == 0, result.stderr
     assert int(result.stdout) == 25
     assert [f for f in hub.downloads(REPO) if f.endswith(".safetensors")] == [RANKS[2]]
@@ -250,11 +252,7 @@ def test_a_rank_in_parts_downloads_exactly_its_parts(hub, tmp_path):
     assert reshard(hub, tmp_path, "upload", out, "--repo", "me/parted", "-q").returncode == 0
     assert set(mine) <= set(hub.files("me/parted"))
     hub.clear_requests()
-    code = (
-        "from reshard.runtime import load_local_tensors; load_local_tensors('hf:me/parted', rank=1)"
-    )
-    result = subprocess.run([sys.executable, "-c", code], env=hub_env(hub, tmp_path / "c", TOKEN),
-                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    result = load_rank(hub, tmp_path / "c", "hf:me/parted", 1)
     assert result.returncode == 0, result.stderr
     assert sorted(f for f in hub.downloads("me/parted") if f.endswith(".safetensors")) == mine
 
@@ -287,11 +285,7 @@ def test_a_rank_file_missing_from_the_repo_is_one_line(hub, published, tmp_path)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     (line,) = [line for line in result.stderr.splitlines() if line.strip()]
     assert line.startswith("FAIL ") and RANKS[3] in line and "no such file" in line, line
-    code = (
-        "from reshard.runtime import load_local_tensors; load_local_tensors('hf:me/holey', rank=3)"
-    )
-    api = subprocess.run([sys.executable, "-c", code], env=hub_env(hub, tmp_path / "c", TOKEN),
-                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    api = load_rank(hub, tmp_path / "c", "hf:me/holey", 3)
     assert api.returncode != 0 and f"{RANKS[3]}: the repository has no such file" in api.stderr
 
 
