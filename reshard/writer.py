@@ -17,10 +17,8 @@ import errno
 import hashlib
 import json
 import os
-import queue
 import shutil
 import struct
-import threading
 from pathlib import Path
 
 import torch
@@ -115,36 +113,6 @@ def _output_error(path: Path, e: OSError, needed: int) -> OutputError:
     return OutputError(f"{path}: cannot write ({e.strerror or e})")
 
 
-class _Hasher:
-    """sha256 on a thread of its own, so hashing overlaps reading the next tensor and writing.
-
-    hashlib drops the GIL for large updates. The queue holds one chunk: the only extra
-    memory is the tensor being hashed, which the caller would otherwise have freed.
-    """
-
-    def __init__(self) -> None:
-        self._hash = hashlib.sha256()
-        self._queue: queue.Queue = queue.Queue(maxsize=1)
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while (data := self._queue.get()) is not None:
-            self._hash.update(data)
-
-    def update(self, data: bytes | memoryview) -> None:
-        self._queue.put(data)
-
-    def hexdigest(self) -> str:
-        self.close()
-        return self._hash.hexdigest()
-
-    def close(self) -> None:
-        if self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join()
-
-
 class ShardWriter:
     """Writes one safetensors file; tensors must come in the order of `entries`."""
 
@@ -162,7 +130,7 @@ class ShardWriter:
         self.sha256: str | None = None
         self.nbytes = 0
         self._next = 0
-        self._hash: _Hasher | None = None
+        self._hash = hashlib.sha256()
         self._file = None
 
     def __enter__(self) -> ShardWriter:
@@ -170,7 +138,6 @@ class ShardWriter:
             self._file = open(self.tmp, "wb")
         except OSError as e:
             raise _output_error(self.path, e, self.size) from e
-        self._hash = _Hasher()
         self._emit(self.header)
         return self
 
@@ -204,13 +171,11 @@ class ShardWriter:
                 except OSError as e:
                     raise _output_error(self.path, e, self.size - self.nbytes) from e
         except BaseException:
-            self._hash.close()
             self._file.close()
             self.tmp.unlink(missing_ok=True)
             raise
         self._file.close()
         if exc_type is not None:
-            self._hash.close()
             self.tmp.unlink(missing_ok=True)
             return
         self.sha256 = self._hash.hexdigest()
