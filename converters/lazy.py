@@ -2,27 +2,43 @@
 
 A target tensor is an expression over source tensors. Reading a box of it
 (one contiguous [start, stop) range per dim) pushes the box back through the
-ops to the smallest boxes of the sources, which are read with
-`safe_open(...).get_slice(...)`. So a rank reads only its own bytes and no
-full model or full fused tensor is ever built.
+ops to the smallest boxes of the sources, which are read with `os.preadv`.
+So a rank reads only its own bytes and no full model or full fused tensor is
+ever built.
 
     >>> t = Stack([a, b], dim=0)          # a, b: SourceTensor [I, H]
     >>> t.read(((1, 2), (0, 4), (0, H)))  # reads rows 0-3 of b only
+
+`segments(box)` is the same pushdown for writing: the box's bytes, in order, as
+file spans wherever they are a verbatim copy of the source (stacking experts,
+concatenating gate and up, cutting rows) and as tensors only where torch must
+compute them (a cast, a transpose, a column slice). Spans are copied from file
+to file without ever being a tensor: the conversion engine (reshard.engine)
+reads each into a reused buffer, writes it and hashes it.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
+import os
+import threading
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from reshard.errors import SourceError
-from reshard.placements import Selection, boxes, selection_shape
+from reshard.placements import (
+    Selection,
+    boxes,
+    count_row_major_boxes,
+    row_major_boxes,
+    selection_shape,
+    split_box,
+    take_rows,
+)
 
 Box = tuple[tuple[int, int], ...]  # one [start, stop) per dim
 
@@ -64,6 +80,10 @@ class LazyTensor:
     def full_box(self) -> Box:
         return tuple((0, s) for s in self.shape)
 
+    def segments(self, box: Box) -> Iterator[Segment]:
+        """The bytes of `box` in row-major order: by default, the box computed as one tensor."""
+        yield self.read(box)
+
     def materialize(self) -> torch.Tensor:
         """The whole tensor; for tests and small tensors only."""
         return self.read(self.full_box())
@@ -73,71 +93,149 @@ class LazyTensor:
             yield from child.leaves()
 
 
+@dataclass(frozen=True)
+class FileSpan:
+    """`nbytes` bytes of a source file from `offset`: output bytes that are copied verbatim."""
+
+    path: str
+    offset: int
+    nbytes: int
+
+
+# What `LazyTensor.segments` yields: bytes to copy from a file, or a tensor computed from them.
+Segment = FileSpan | torch.Tensor
+
+# A contiguous run of a box shorter than this is read with its neighbours by `read` (one
+# covering read, then torch picks the elements) instead of as a FileSpan of its own.
+MIN_SPAN = 64 << 10
+
+
 @dataclass
 class SliceReader:
-    """Opens safetensors files on demand and counts the bytes each read asks for.
+    """Reads byte ranges of safetensors files with `os.preadv` and counts the bytes asked for.
 
-    safe_open maps the file: every page a slice touches stays resident until the
-    handle is dropped, and a column slice touches the whole source tensor. So
-    handles live only inside `session()` (one target tensor) and are also dropped
-    whenever the tensors touched since the last drop exceed `resident_limit`:
-    resident file pages stay bounded by a constant, not by a fused target.
+    No file is mapped, so nothing read stays resident after the tensor that holds it is
+    dropped, and a file truncated while we read is a short read (a clear error), not a
+    SIGBUS. Safe to use from several threads.
     """
 
     bytes_read: dict[str, int] = field(default_factory=dict)
-    resident_limit: int = 32 << 20
-    _handles: dict[str, object] | None = None
-    _touched: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _offsets: dict[str, dict[str, int]] = field(default_factory=dict, repr=False)
 
-    @contextmanager
-    def session(self) -> Iterator[None]:
-        outer = self._handles is None
-        if outer:
-            self._handles = {}
+    def locate(self, path: str, name: str) -> int:
+        """Where tensor `name`'s data starts in file `path` (its header is read once)."""
+        from reshard.safetensors_header import read_header
+
+        with self._lock:
+            if path not in self._offsets:
+                header = read_header(Path(path))
+                self._offsets[path] = {
+                    n: header.data_start + info.start for n, info in header.tensors.items()
+                }
+            if name not in self._offsets[path]:
+                raise SourceError(f"{path}: has no tensor {name}")
+            return self._offsets[path][name]
+
+    def count(self, path: str, nbytes: int) -> None:
+        with self._lock:
+            self.bytes_read[path] = self.bytes_read.get(path, 0) + nbytes
+
+    def read_into(self, path: str, offset: int, buffer: memoryview, what: str) -> None:
+        """Fill `buffer` with the file's bytes from `offset`."""
         try:
-            yield
-        finally:
-            if outer:
-                self._handles = None
-
-    def read(self, path: str, name: str, box: Box, touched: int = 0) -> torch.Tensor:
-        """Read `box` of tensor `name`; `touched` is the bytes of the whole source tensor."""
-        with self.session():
-            self._touched += touched
-            if self._touched > self.resident_limit:
-                self._handles.clear()  # unmaps: the pages touched so far leave RSS
-                self._touched = touched
+            fd = os.open(path, os.O_RDONLY)
             try:
-                handle = self._handles.get(path)
-                if handle is None:
-                    handle = self._handles[path] = safe_open(path, framework="pt")
-                tensor = handle.get_slice(name)[tuple(slice(a, b) for a, b in box)]
-            except Exception as e:  # safetensors raises its own untyped errors
-                # Headers were checked when the source was opened: the file changed since.
-                raise SourceError(
-                    f"{path}: cannot read tensor {name} ({e}); was the file changed while reading?"
-                ) from e
-        self.bytes_read[path] = (
-            self.bytes_read.get(path, 0) + tensor.numel() * tensor.element_size()
-        )
-        return tensor
+                done = 0
+                while done < len(buffer):
+                    n = os.preadv(fd, [buffer[done:]], offset + done)
+                    if n == 0:
+                        raise OSError(f"the file ends at byte {offset + done:,}")
+                    done += n
+            finally:
+                os.close(fd)
+        except OSError as e:
+            # Headers were checked when the source was opened: the file changed since.
+            raise SourceError(
+                f"{path}: cannot read {what} ({e.strerror or e}); "
+                "was the file changed while reading?"
+            ) from e
+
+    def read(self, path: str, name: str, box: Box, *, tensor: SourceTensor) -> torch.Tensor:
+        """Read `box` of stored tensor `tensor`: one read covering it, then the box's elements."""
+        strides = _row_major_strides(tensor.shape)
+        first = sum(a * s for (a, _), s in zip(box, strides))
+        last = sum((b - 1) * s for (_, b), s in zip(box, strides))
+        span = torch.empty(last - first + 1, dtype=tensor.dtype)
+        item = span.element_size()
+        self.read_into(path, tensor.offset + first * item, _bytes_of(span), f"tensor {name}")
+        shape = [b - a for a, b in box]
+        self.count(path, math.prod(shape) * item)
+        local = span.as_strided(shape, strides)
+        return local if local.numel() == span.numel() else local.contiguous()
+
+
+def _row_major_strides(shape: Sequence[int]) -> list[int]:
+    strides, n = [], 1
+    for s in reversed(shape):
+        strides.append(n)
+        n *= s
+    return strides[::-1]
+
+
+def _bytes_of(tensor: torch.Tensor) -> memoryview:
+    from reshard.writer import tensor_bytes
+
+    return tensor_bytes(tensor)
 
 
 @dataclass(eq=False)
 class SourceTensor(LazyTensor):
-    """A tensor stored in a safetensors file; the leaf of every expression."""
+    """A tensor stored in a safetensors file; the leaf of every expression.
+
+    `offset`: where its data starts in the file; read from the file's header when not given.
+    """
 
     path: str
     name: str
     shape: tuple[int, ...]
     dtype: torch.dtype
     reader: SliceReader
+    offset: int | None = None
+
+    def _locate(self) -> int:
+        if self.offset is None:
+            self.offset = self.reader.locate(self.path, self.name)
+        return self.offset
 
     def read(self, box: Box) -> torch.Tensor:
         if any(a >= b for a, b in box):
             return torch.empty([b - a for a, b in box], dtype=self.dtype)
-        nbytes = torch.empty((), dtype=self.dtype).element_size() * math.prod(self.shape)
-        return self.reader.read(self.path, self.name, box, touched=nbytes)
+        self._locate()
+        return self.reader.read(self.path, self.name, box, tensor=self)
+
+    def segments(self, box: Box) -> Iterator[Segment]:
+        """The box as file spans, one per contiguous run, when the runs are long enough."""
+        if any(a >= b for a, b in box):
+            return
+        shape, strides = self.shape, _row_major_strides(self.shape)
+        item = torch.empty((), dtype=self.dtype).element_size()
+        # k: the last dim the box does not cover whole; a run spans dims k.. in full.
+        k = max((d for d, (a, b) in enumerate(box) if (a, b) != (0, shape[d])), default=0)
+        run = (box[k][1] - box[k][0]) * strides[k] * item
+        outer = box[:k]
+        if run < MIN_SPAN and math.prod(b - a for a, b in outer) > 1:
+            yield self.read(box)
+            return
+        base = self._locate() + box[k][0] * strides[k] * item
+        spans: list[FileSpan] = []
+        for index in itertools.product(*(range(a, b) for a, b in outer)):
+            offset = base + sum(i * s for i, s in zip(index, strides)) * item
+            if spans and spans[-1].offset + spans[-1].nbytes == offset:
+                spans[-1] = FileSpan(self.path, spans[-1].offset, spans[-1].nbytes + run)
+            else:
+                spans.append(FileSpan(self.path, offset, run))
+        yield from spans
 
     def leaves(self) -> Iterator[SourceTensor]:
         yield self
@@ -158,6 +256,12 @@ class InMemoryTensor(LazyTensor):
 
 def _shift(box: Box, dim: int, start: int, stop: int) -> Box:
     return box[:dim] + ((start, stop),) + box[dim + 1 :]
+
+
+def _leading_unit(box: Box, dim: int) -> bool:
+    """True when the box has extent 1 in every dim before `dim`: then its row-major bytes are
+    its pieces along `dim`, one after the other."""
+    return all(b - a == 1 for a, b in box[:dim])
 
 
 class Stack(LazyTensor):
@@ -182,6 +286,14 @@ class Stack(LazyTensor):
         if not pieces:
             return torch.empty([b - a for a, b in box], dtype=self.dtype)
         return torch.stack(pieces, dim=self.dim)
+
+    def segments(self, box: Box) -> Iterator[Segment]:
+        if not _leading_unit(box, self.dim):
+            yield from super().segments(box)
+            return
+        inner = box[: self.dim] + box[self.dim + 1 :]
+        for i in range(*box[self.dim]):
+            yield from self.parts[i].segments(inner)
 
 
 class Cat(LazyTensor):
@@ -212,6 +324,19 @@ class Cat(LazyTensor):
             return torch.empty([b - a for a, b in box], dtype=self.dtype)
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=self.dim)
 
+    def segments(self, box: Box) -> Iterator[Segment]:
+        if not _leading_unit(box, self.dim):
+            yield from super().segments(box)
+            return
+        lo, hi = box[self.dim]
+        offset = 0
+        for part in self.parts:
+            size = part.shape[self.dim]
+            a, b = max(lo, offset), min(hi, offset + size)
+            if a < b:
+                yield from part.segments(_shift(box, self.dim, a - offset, b - offset))
+            offset += size
+
 
 class Narrow(LazyTensor):
     """`child.narrow(dim, start, length)`, optionally dropping a size-1 dim (select)."""
@@ -234,6 +359,15 @@ class Narrow(LazyTensor):
             return self.child.read(inner).squeeze(self.dim)
         lo, hi = box[self.dim]
         return self.child.read(_shift(box, self.dim, self.start + lo, self.start + hi))
+
+    def segments(self, box: Box) -> Iterator[Segment]:
+        if self.squeeze:  # a size-1 dim does not change the row-major order
+            yield from self.child.segments(
+                box[: self.dim] + ((self.start, self.start + 1),) + box[self.dim :]
+            )
+            return
+        lo, hi = box[self.dim]
+        yield from self.child.segments(_shift(box, self.dim, self.start + lo, self.start + hi))
 
 
 class Transpose(LazyTensor):
@@ -326,6 +460,19 @@ class RepeatBlocks(LazyTensor):
             return torch.empty([b - a for a, b in box], dtype=self.dtype)
         return torch.cat(pieces, dim=self.dim)
 
+    def segments(self, box: Box) -> Iterator[Segment]:
+        if not _leading_unit(box, self.dim):
+            yield from super().segments(box)
+            return
+        lo, hi = box[self.dim]
+        i = lo
+        while i < hi:
+            out_block, within = divmod(i, self.block)
+            stop = min(hi, (out_block + 1) * self.block)
+            src = (out_block // self.repeats) * self.block + within
+            yield from self.child.segments(_shift(box, self.dim, src, src + stop - i))
+            i = stop
+
 
 class Assembled(LazyTensor):
     """A global tensor stored as pieces in several files (a sharded checkpoint's rank files).
@@ -387,3 +534,47 @@ def read_selection(tensor: LazyTensor, selection: Selection) -> torch.Tensor:
     for g, loc in pieces:
         out[loc] = tensor.read(tuple((sl.start, sl.stop) for sl in g))
     return out
+
+
+def selection_segments(
+    tensor: LazyTensor, selection: Selection, chunk_bytes: int = 16 << 20
+) -> Iterator[Segment]:
+    """The local tensor at `selection`, as segments in its row-major byte order.
+
+    Each segment holds at most about `chunk_bytes`, so whoever consumes them
+    holds a bounded amount at a time.
+    """
+    for piece in _pieces(tensor, selection, chunk_bytes):
+        if isinstance(piece, tuple):
+            yield from tensor.segments(piece)
+        else:
+            yield read_selection(tensor, piece)
+
+
+def selection_chunks(
+    tensor: LazyTensor, selection: Selection, chunk_bytes: int = 16 << 20
+) -> Iterator[torch.Tensor]:
+    """The same bytes as `selection_segments`, each piece computed by `read` (no file spans):
+    the simple path, which `reshard verify --against` checks the written files with."""
+    for piece in _pieces(tensor, selection, chunk_bytes):
+        yield tensor.read(piece) if isinstance(piece, tuple) else read_selection(tensor, piece)
+
+
+def _pieces(
+    tensor: LazyTensor, selection: Selection, chunk_bytes: int
+) -> Iterator[Box | Selection]:
+    """The selection cut into row-major pieces of about `chunk_bytes`: boxes, or, when a strided
+    shard of a late dim would take too many boxes, slabs of whole local rows (sub-selections)
+    that torch gathers in one read."""
+    item = torch.empty((), dtype=tensor.dtype).element_size()
+    if count_row_major_boxes(selection) <= MAX_BOXES:
+        for box in row_major_boxes(selection):
+            yield from split_box(box, item, chunk_bytes)
+        return
+    shape = selection_shape(selection)
+    per = max(1, chunk_bytes // max(1, item * math.prod(shape[1:])))
+    for start in range(0, shape[0], per):
+        yield take_rows(selection, start, min(shape[0], start + per))
+
+
+MAX_BOXES = 1 << 14

@@ -65,9 +65,9 @@ def cli() -> None:
 @click.option(
     "--workers",
     type=click.IntRange(min=1),
-    default=1,
-    show_default=True,
-    help="Ranks written in parallel.",
+    default=None,
+    help="Threads reading, writing and hashing (default: one per core; about half as many "
+    "files are written at once).",
 )
 @click.option(
     "--overwrite",
@@ -82,6 +82,13 @@ def cli() -> None:
     "rank-NNNNN-of-NNNNN-part-K.safetensors (the Hub recommends files under 20GB).",
 )
 @click.option(
+    "--ranks",
+    metavar="A-B",
+    help="Write only layout ranks A to B (inclusive), for schedulers that run one job per "
+    "block of ranks into a shared --out; the run that finds every rank finished writes "
+    "the manifest. Under torchrun the ranks are split between its processes by themselves.",
+)
+@click.option(
     "--push-to-hub",
     metavar="ORG/NAME",
     help="After a successful convert, upload the result to this Hub repository (see upload).",
@@ -92,9 +99,10 @@ def convert(
     layout: str,
     out: Path,
     dtype: str,
-    workers: int,
+    workers: int | None,
     overwrite: bool,
     max_file_size: str,
+    ranks: str | None,
     push_to_hub: str | None,
     quiet: bool,
 ) -> None:
@@ -113,12 +121,15 @@ def convert(
       reshard convert --src tiny:qwen3_moe --layout tp4 --out tiny-ep2tp2 --overwrite
       reshard convert --src tiny-ep2tp2 --layout tp2 --out tiny-tp2      # reshard a sharded one
       reshard convert --src hf:Qwen/Qwen3-30B-A3B --layout ep4tp4 --out q3 --push-to-hub me/q3-ep4tp4
+      torchrun --nnodes 2 --nproc-per-node 4 ... -m reshard.cli convert --src ... --layout ep8tp8 --out /shared/q3
+      reshard convert --src ./Qwen3-235B-A22B --layout ep8tp8 --out /shared/q3 --ranks 0-15
 
     Interrupting is safe: nothing looks finished before the manifest, and the
     next run keeps every rank file that was complete. Two runs into the same
     --out are refused, as is one that would replace a finished checkpoint of
     another layout (unless --overwrite).
     """
+    from reshard.cluster import Part, parse_ranks, torchrun_part
     from reshard.convert import convert as run_convert
     from reshard.convert import make_plan
     from reshard.layout import Layout
@@ -127,9 +138,22 @@ def convert(
 
     limit = _size(max_file_size, "--max-file-size")
     plan = make_plan(open_source(src), Layout.parse(layout), dtype, max_file_bytes=limit)
+    world = plan.layout.world_size
+    part = torchrun_part(world)
+    if ranks is not None:
+        if part is not None:
+            raise ReshardError("--ranks: under torchrun each process takes its ranks by itself")
+        part = Part(ranks=parse_ranks(ranks, world))
+    if part is not None and push_to_hub:
+        raise ReshardError("--push-to-hub: upload once every rank is written (reshard upload)")
     manifest = run_convert(
-        plan, out, workers=workers, progress=_progress(quiet), overwrite=overwrite
+        plan, out, workers=workers, progress=_progress(quiet), overwrite=overwrite, part=part
     )
+    if manifest is None:
+        written = f"ranks {part.ranks[0]}-{part.ranks[-1]}" if part.ranks else "no ranks"
+        later = "" if part.torchrun else "; the run that finishes the last rank writes the manifest"
+        click.echo(f"wrote {written} of {plan.layout.name} to {out}{later}")
+        return
     total = sum(r.bytes for r in manifest.ranks)
     click.echo(
         f"wrote {manifest.world_size} rank files ({human_bytes(total)}) for {manifest.layout} to {out}"
@@ -692,7 +716,7 @@ def quickstart(ctx, layout: str, out: Path, prompt: str) -> None:
                 layout=layout,
                 out=out,
                 dtype="keep",
-                workers=1,
+                workers=None,
                 overwrite=False,
                 quiet=True,
             ),

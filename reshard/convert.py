@@ -12,17 +12,15 @@ manifest, last.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import fcntl
 import fnmatch
+import functools
 import hashlib
 import json
-import multiprocessing
 import os
 import re
 import shutil
-import signal
-import sys
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,8 +28,18 @@ from pathlib import Path
 import torch
 
 from reshard.architecture import ModelArgs
+from reshard.cluster import Part
 from reshard.converters import ModelSpec, get_spec
-from reshard.converters.lazy import CAST_DTYPES, Cast, LazyTensor, RepeatBlocks, read_selection
+from reshard.converters.lazy import (
+    CAST_DTYPES,
+    Cast,
+    LazyTensor,
+    RepeatBlocks,
+    Segment,
+    read_selection,
+    selection_segments,
+)
+from reshard.engine import CHUNK, FileJob, Written, default_workers, write_files
 from reshard.errors import LayoutError, OutputError, ReshardError, SourceError
 from reshard.hash_cache import stamp
 from reshard.layout import Layout
@@ -49,10 +57,10 @@ from reshard.plan import ParamPlan, check_divisible, placements_for
 from reshard.sources import Source
 from reshard.writer import (
     TMP_SUFFIX,
-    ShardWriter,
     atomic_write_bytes,
     atomic_write_text,
     fsync_dir,
+    nbytes,
     sha256_file,
 )
 
@@ -70,9 +78,7 @@ class LocalTensor:
 
     @property
     def nbytes(self) -> int:
-        return torch.empty((), dtype=self.dtype).element_size() * int(
-            torch.Size(self.shape).numel()
-        )
+        return nbytes(self.dtype, self.shape)
 
 
 @dataclass(kw_only=True)
@@ -127,7 +133,7 @@ class ConversionPlan:
         """Changes whenever what `rank`'s file should hold changes (source, layout, dtype, slices)."""
         blob = json.dumps(
             {
-                "source": self.source.file_hashes(),
+                "source": self.source.file_ids(),
                 "layout": self.layout.name,
                 "dtype": self.dtype_name,
                 "files": [(f, [t.name for t in p]) for f, p in self.rank_parts(rank)],
@@ -220,8 +226,7 @@ def make_plan(
 
 def read_local(plan: ConversionPlan, t: LocalTensor) -> torch.Tensor:
     """Read one local tensor, touching only its bytes of the source."""
-    with plan.source.reader.session():
-        return read_selection(plan.targets[t.name], t.selection)
+    return read_selection(plan.targets[t.name], t.selection)
 
 
 def _record_path(out: Path, rank: int) -> Path:
@@ -255,24 +260,42 @@ def finished_entry(plan: ConversionPlan, rank: int, out: Path) -> RankEntry | No
     return RankEntry(rank=rank, coords=plan.layout.coords(rank), files=files)
 
 
-def write_rank(
-    plan: ConversionPlan, rank: int, out: Path, on_tensor: Callable[[int], None] | None = None
-) -> RankEntry:
-    """Write rank `rank`'s file (or parts) and its completion record; return its manifest entry."""
+def rank_jobs(plan: ConversionPlan, rank: int, out: Path) -> list[FileJob]:
+    """The file(s) of rank `rank`, each with its tensors' bytes as segments of the source."""
     parts = plan.rank_parts(rank)
-    files = []
+    jobs = []
     for k, (name, tensors) in enumerate(parts, start=1):
         metadata = {"format": "pt", "reshard_layout": plan.layout.name, "reshard_rank": str(rank)}
         if len(parts) > 1:
             metadata["reshard_part"] = f"{k}/{len(parts)}"
-        entries = [(t.name, t.dtype, t.shape) for t in tensors]
-        with ShardWriter(out / name, entries, metadata) as writer:
-            for t in tensors:
-                writer.write(t.name, read_local(plan, t))
-                if on_tensor:
-                    on_tensor(t.nbytes)
-        names = [t.name for t in tensors] if len(parts) > 1 else None
-        files.append(FileEntry(file=name, bytes=writer.nbytes, sha256=writer.sha256, tensors=names))
+        jobs.append(
+            FileJob(
+                path=out / name,
+                entries=[(t.name, t.dtype, t.shape) for t in tensors],
+                metadata=metadata,
+                segments=functools.partial(_segments, plan, tensors),
+            )
+        )
+    return jobs
+
+
+def _segments(plan: ConversionPlan, tensors: list[LocalTensor]) -> Iterator[Segment]:
+    for t in tensors:
+        yield from selection_segments(plan.targets[t.name], t.selection, CHUNK)
+
+
+def _finish_rank(plan: ConversionPlan, rank: int, out: Path, written: list[Written]) -> RankEntry:
+    """Record rank `rank` as finished (its files are renamed into place) and return its entry."""
+    parts = plan.rank_parts(rank)
+    files = [
+        FileEntry(
+            file=w.path.name,
+            bytes=w.nbytes,
+            sha256=w.sha256,
+            tensors=[t.name for t in tensors] if len(parts) > 1 else None,
+        )
+        for w, (_, tensors) in zip(written, parts)
+    ]
     record = {
         "fingerprint": plan.fingerprint(rank),
         "files": [asdict(f) for f in files],
@@ -282,36 +305,72 @@ def write_rank(
     return RankEntry(rank=rank, coords=plan.layout.coords(rank), files=files)
 
 
+def write_ranks(
+    plan: ConversionPlan,
+    ranks: list[int],
+    out: Path,
+    *,
+    workers: int,
+    on_bytes: Callable[[int], None] = lambda n: None,
+) -> Iterator[RankEntry]:
+    """Write `ranks`' files with the engine; yield each rank's entry once all its files are in."""
+    jobs = {rank: rank_jobs(plan, rank, out) for rank in ranks}
+    owner = {job.path: rank for rank, js in jobs.items() for job in js}
+    written: dict[int, dict[Path, Written]] = {rank: {} for rank in ranks}
+    every = [job for rank in ranks for job in jobs[rank]]
+    for job, w in write_files(every, plan.source.reader, workers=workers, on_bytes=on_bytes):
+        rank = owner[job.path]
+        written[rank][job.path] = w
+        if len(written[rank]) == len(jobs[rank]):
+            yield _finish_rank(plan, rank, out, [written[rank][j.path] for j in jobs[rank]])
+
+
 @contextlib.contextmanager
-def _locked(out: Path) -> Iterator[None]:
+def _locked(out: Path, ranks: list[int] | None = None) -> Iterator[None]:
     """Hold `out/.reshard/lock` for the whole conversion: one writer per output directory.
 
-    flock is released by the kernel when the process dies, however it dies, so
-    a killed run never leaves a stale lock behind.
+    A run writing only some ranks (`ranks`: torchrun's processes, `--ranks`) holds it
+    shared, beside the runs writing the other ranks, and holds each of its ranks' own
+    lock exclusively. flock is released by the kernel when the process dies, however it
+    dies, so a killed run never leaves a stale lock behind.
     """
     (out / PROGRESS_DIR).mkdir(parents=True, exist_ok=True)
-    fd = os.open(out / PROGRESS_DIR / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+    fds = []
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            raise OutputError(
-                f"--out {out}: another reshard convert (pid {holder}) is writing there; "
-                "wait for it to finish"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        fds.append(_flock(out, "lock", shared=ranks is not None))
+        for rank in ranks or []:
+            fds.append(_flock(out, f"rank-{rank:05d}.lock", shared=False))
         yield
     finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _flock(out: Path, name: str, *, shared: bool) -> int:
+    fd = os.open(out / PROGRESS_DIR / name, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
         os.close(fd)
+        raise OutputError(
+            f"--out {out}: another reshard convert"
+            + (f" (pid {holder})" if holder else "")
+            + " is writing there; wait for it to finish"
+        ) from None
+    if not shared:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+    return fd
 
 
-def _remove_temp_files(out: Path) -> None:
-    """Temp files of earlier runs that were killed (a finished file is never a temp file)."""
+def _remove_temp_files(out: Path, names: set[str] | None = None) -> None:
+    """Temp files of earlier runs that were killed (a finished file is never a temp file);
+    with `names`, only those of these files (other processes may be writing the rest)."""
     for directory in (out, out / PROGRESS_DIR):
         for tmp in directory.glob(f".*{TMP_SUFFIX}"):
-            tmp.unlink(missing_ok=True)
+            if names is None or tmp.name[1:].rsplit(".", 2)[0] in names:
+                tmp.unlink(missing_ok=True)
 
 
 def _check_out(out: Path, layout: Layout, overwrite: bool) -> None:
@@ -335,12 +394,9 @@ def _check_out(out: Path, layout: Layout, overwrite: bool) -> None:
             )
 
 
-def _prepare_out(out: Path, world: int, keep: set[str]) -> None:
-    """Under the lock: no temp files of killed runs, nothing that looks finished, no stale ranks."""
-    _remove_temp_files(out)
-    # Until the new manifest is written, the directory must not look finished.
-    (out / MANIFEST).unlink(missing_ok=True)
-    # Rank files of another world size or split (an earlier run) would be mistaken for ours.
+def _remove_stale(out: Path, world: int, keep: set[str]) -> None:
+    """Rank files and records of another world size or split (an earlier run): they would be
+    mistaken for ours."""
     for stale in out.glob("rank-*-of-*.safetensors"):
         if stale.name not in keep:
             stale.unlink()
@@ -358,100 +414,136 @@ def _check_free_space(out: Path, needed: int) -> None:
         )
 
 
-def _die_with_parent() -> None:
-    """Pool workers: exit when the parent dies (even by SIGKILL), so no orphan keeps writing."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # pool.terminate() must kill, not unwind
-
-
-def _write_rank_in_worker(job: tuple[ConversionPlan, int, Path]) -> RankEntry:
-    plan, rank, out = job
-    return write_rank(plan, rank, out)
-
-
-def _write_ranks(
-    plan: ConversionPlan, ranks: list[int], out: Path, workers: int, bar
-) -> Iterator[RankEntry]:
-    """Write `ranks`, `workers` at a time; the first failure stops every other worker at once."""
-    if workers <= 1 or len(ranks) <= 1:
-        for rank in ranks:
-            yield write_rank(plan, rank, out, on_tensor=bar.update)
-        return
-    # fork: workers inherit the plan; each opens its own file handles.
-    ctx = multiprocessing.get_context("fork")
-    pool = ctx.Pool(min(workers, len(ranks)), initializer=_die_with_parent)
-    try:
-        jobs = [(plan, rank, out) for rank in ranks]
-        for entry in pool.imap_unordered(_write_rank_in_worker, jobs):
-            bar.update(entry.bytes)
-            yield entry
-        pool.close()
-    finally:
-        pool.terminate()  # no-op after close; on an error, kills the ranks still being written
-        pool.join()
-
-
 def convert(
     plan: ConversionPlan,
     out: Path,
     *,
-    workers: int = 1,
+    workers: int | None = None,
     progress: bool = True,
     overwrite: bool = False,
-) -> Manifest:
+    part: Part | None = None,
+) -> Manifest | None:
     """Write every rank file, the side files, the model card and, last, the manifest.
 
     Safe to interrupt at any point: a re-run keeps the rank files that were
     finished and writes the rest; nothing looks finished before the manifest.
+
+    With `part` (reshard.cluster) this process writes only `part.ranks`; the manifest
+    comes once every rank is written (returned by the process that wrote it, else None).
     """
-    from tqdm.auto import tqdm
-
-    from reshard.modelcard import model_card
-
     out = Path(out)
     world = plan.layout.world_size
     if os.path.realpath(out) == os.path.realpath(plan.source.path):
         raise OutputError(f"--out {out}: is the source; write the new layout to another directory")
     _check_out(out, plan.layout, overwrite)
-    with _locked(out):
+    mine = part.ranks if part else list(range(world))
+    names = {f for r in mine for f, _ in plan.rank_parts(r)} | {
+        _record_path(out, r).name for r in mine
+    }
+    exchange = None
+    if part and part.torchrun:
+        from reshard.cluster import Exchange
+
+        exchange = Exchange()
+    try:
         try:
-            _prepare_out(out, world, {f for r in range(world) for f, _ in plan.rank_parts(r)})
-            plan.source.file_hashes()  # once, before workers fork: fingerprints and the manifest
-            done = {r: e for r in range(world) if (e := finished_entry(plan, r, out)) is not None}
-            todo = [r for r in range(world) if r not in done]
-            _check_free_space(out, sum(plan.rank_bytes(r) for r in todo))
-            bar = tqdm(
-                total=sum(plan.rank_bytes(r) for r in range(world)),
-                initial=sum(e.bytes for e in done.values()),
-                unit="B",
-                unit_scale=True,
-                desc=f"convert {plan.layout.name}",
-                disable=not progress,
-            )
-            with bar:
-                for entry in _write_ranks(plan, todo, out, workers, bar):
-                    done[entry.rank] = entry
-            for f in plan.source.side_files():
-                atomic_write_bytes(out / f.name, f.read_bytes())
-            manifest = Manifest(
-                layout=plan.layout.name,
-                mesh=dict(plan.layout.dims),
-                dtype=plan.dtype_name,
-                source=plan.source.describe(),
-                model_type=plan.source.model_type,
-                config=plan.source.config,
-                params={name: param_plan_to_json(p) for name, p in plan.params.items()},
-                ranks=[done[r] for r in range(world)],
-                notes=_notes(plan),
-            )
-            atomic_write_text(out / "README.md", model_card(manifest))
-            fsync_dir(out)  # every rename above is durable before the manifest says "finished"
-            atomic_write_text(out / MANIFEST, manifest.to_json())
+            with _locked(out, mine if part else None):
+                try:
+                    entries = _write_mine(plan, out, mine, names, workers, progress, part)
+                finally:
+                    _remove_temp_files(out, names if part else None)  # leave no temp files
+            error = None
+        except Exception as e:
+            if exchange is None:
+                raise
+            entries, error = [], str(e)  # the peers must hear of it: gather raises on every one
+        if exchange is not None:
+            done = {e.rank: e for e in exchange.gather(entries, error)}
+            manifest = None
+            if part.process == 0:
+                manifest = write_manifest(plan, out, done)
+            exchange.barrier()  # rank 0's manifest is there, on a shared --out
+            if part.local == 0 and part.process != 0 and not (out / MANIFEST).exists():
+                manifest = write_manifest(plan, out, done)  # a node-local --out
             return manifest
-        finally:
-            _remove_temp_files(out)  # whatever stopped us (error, Ctrl-C), leave no temp files
+        if part is None:
+            return write_manifest(plan, out, {e.rank: e for e in entries})
+        # A --ranks run: the manifest, if every other rank is finished on disk too.
+        done = {r: e for r in range(world) if (e := finished_entry(plan, r, out)) is not None}
+        return write_manifest(plan, out, done) if len(done) == world else None
+    finally:
+        if exchange is not None:
+            exchange.close()
+
+
+def _write_mine(
+    plan: ConversionPlan,
+    out: Path,
+    mine: list[int],
+    names: set[str],
+    workers: int | None,
+    progress: bool,
+    part: Part | None,
+) -> list[RankEntry]:
+    """Under the lock: write the ranks in `mine` that are not finished already; their entries."""
+    from tqdm.auto import tqdm
+
+    world = plan.layout.world_size
+    _remove_temp_files(out, names if part else None)  # of killed runs
+    # Until the new manifest is written, the directory must not look finished.
+    (out / MANIFEST).unlink(missing_ok=True)
+    if part is None:
+        _remove_stale(out, world, {f for r in range(world) for f, _ in plan.rank_parts(r)})
+    if part is None or part.local == 0:
+        # The manifest records the source's sha256s; they are computed beside the conversion
+        # (resume fingerprints use stat stamps), not before it.
+        threading.Thread(target=plan.source.file_hashes, daemon=True).start()
+    done = {r: e for r in mine if (e := finished_entry(plan, r, out)) is not None}
+    todo = [r for r in mine if r not in done]
+    _check_free_space(out, sum(plan.rank_bytes(r) for r in todo))
+    if workers is None:
+        workers = max(1, default_workers() // _processes_per_node(part))
+    bar = tqdm(
+        total=sum(plan.rank_bytes(r) for r in mine),
+        initial=sum(e.bytes for e in done.values()),
+        unit="B",
+        unit_scale=True,
+        desc=f"convert {plan.layout.name}" + (f" ranks {mine[0]}-{mine[-1]}" if part else ""),
+        disable=not progress or not mine,
+    )
+    with bar:
+        for entry in write_ranks(plan, todo, out, workers=workers, on_bytes=bar.update):
+            done[entry.rank] = entry
+    return [done[r] for r in mine]
+
+
+def _processes_per_node(part: Part | None) -> int:
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if part and part.torchrun else 1
+
+
+def write_manifest(plan: ConversionPlan, out: Path, done: dict[int, RankEntry]) -> Manifest:
+    """The side files, the model card and, last, the manifest: the checkpoint is finished."""
+    from reshard.modelcard import model_card
+
+    world = plan.layout.world_size
+    _remove_stale(out, world, {f for r in range(world) for f, _ in plan.rank_parts(r)})
+    for f in plan.source.side_files():
+        atomic_write_bytes(out / f.name, f.read_bytes())
+    manifest = Manifest(
+        layout=plan.layout.name,
+        mesh=dict(plan.layout.dims),
+        dtype=plan.dtype_name,
+        source=plan.source.describe(),  # waits for the source hashes
+        model_type=plan.source.model_type,
+        config=plan.source.config,
+        params={name: param_plan_to_json(p) for name, p in plan.params.items()},
+        ranks=[done[r] for r in range(world)],
+        notes=_notes(plan),
+    )
+    atomic_write_text(out / "README.md", model_card(manifest))
+    fsync_dir(out)  # every rename above is durable before the manifest says "finished"
+    atomic_write_text(out / MANIFEST, manifest.to_json())
+    return manifest
 
 
 def convert_cached(source: Source, layout: Layout, cache: Path, *, progress: bool = True) -> Path:

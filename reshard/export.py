@@ -16,21 +16,23 @@ last: an interrupted export leaves nothing that looks like a checkpoint.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 from huggingface_hub.serialization import split_state_dict_into_shards_factory
 from tqdm import tqdm
 
 from reshard.converters import get_spec
-from reshard.converters.lazy import LazyTensor
+from reshard.converters.lazy import LazyTensor, Segment, SliceReader, selection_segments
+from reshard.engine import CHUNK, FileJob, default_workers, write_files
 from reshard.errors import OutputError, SourceError
 from reshard.sources import open_source
-from reshard.writer import ShardWriter, atomic_write_bytes, atomic_write_text, fsync_dir
+from reshard.writer import atomic_write_bytes, atomic_write_text, fsync_dir, nbytes
 
 DEFAULT_MAX_SHARD_SIZE = "50GB"  # transformers 5.x save_pretrained
 
@@ -41,9 +43,13 @@ def natural_order(name: str) -> list:
 
 
 def _nbytes(t: LazyTensor) -> int:
-    import torch
+    return nbytes(t.dtype, t.shape)
 
-    return torch.empty((), dtype=t.dtype).element_size() * int(torch.Size(t.shape).numel())
+
+def _segments(tensors: Mapping[str, LazyTensor], names: list[str]) -> Iterator[Segment]:
+    for name in names:
+        t = tensors[name]
+        yield from selection_segments(t, [[(0, n)] for n in t.shape], CHUNK)
 
 
 def hf_tensors(directory: str | Path) -> tuple[dict[str, LazyTensor], object]:
@@ -59,25 +65,32 @@ def write_hf_weights(
     out: Path,
     tensors: Mapping[str, LazyTensor],
     max_shard_size: int | str,
-    on_bytes: Callable[[int], None] | None = None,
+    on_bytes: Callable[[int], None] = lambda n: None,
+    reader: SliceReader | None = None,
 ) -> int:
     """Write `tensors` as save_pretrained does: `model.safetensors`, or above
     `max_shard_size` files `model-0000K-of-0000N.safetensors` split by huggingface_hub's
-    policy and `model.safetensors.index.json`. One tensor in memory at a time; returns the
-    bytes of tensor data."""
+    policy and `model.safetensors.index.json`. Streamed by the conversion engine (a few
+    chunks in memory, whatever the tensor sizes); returns the bytes of tensor data."""
     split = split_state_dict_into_shards_factory(
         dict(tensors),
         get_storage_size=_nbytes,
         filename_pattern="model{suffix}.safetensors",
         max_shard_size=max_shard_size,
     )
-    for filename, names in split.filename_to_tensors.items():
-        entries = [(n, tensors[n].dtype, tuple(tensors[n].shape)) for n in names]
-        with ShardWriter(out / filename, entries, {"format": "pt"}) as writer:
-            for name in names:
-                writer.write(name, tensors[name].materialize().contiguous())
-                if on_bytes:
-                    on_bytes(_nbytes(tensors[name]))
+    jobs = [
+        FileJob(
+            path=out / filename,
+            entries=[(n, tensors[n].dtype, tuple(tensors[n].shape)) for n in names],
+            metadata={"format": "pt"},
+            segments=functools.partial(_segments, tensors, names),
+        )
+        for filename, names in split.filename_to_tensors.items()
+    ]
+    for _ in write_files(
+        jobs, reader or SliceReader(), workers=default_workers(), on_bytes=on_bytes
+    ):
+        pass
     if split.is_sharded:
         index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
         atomic_write_text(out / "model.safetensors.index.json", json.dumps(index, indent=2))
@@ -108,8 +121,8 @@ def export(
             desc="export",
             disable=not progress,
         )
-        with bar, source.reader.session():
-            write_hf_weights(tmp, tensors, max_shard_size, on_bytes=bar.update)
+        with bar:
+            write_hf_weights(tmp, tensors, max_shard_size, bar.update, source.reader)
         for f in source.side_files():
             atomic_write_bytes(tmp / f.name, f.read_bytes())
         fsync_dir(tmp)

@@ -18,6 +18,7 @@ the part of the tensor is their product (`Selection`).
 from __future__ import annotations
 
 import itertools
+import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -192,3 +193,58 @@ def boxes(selection: Selection) -> Iterator[tuple[tuple[slice, ...], tuple[slice
         per_dim.append(pairs)
     for combo in itertools.product(*per_dim):
         yield tuple(g for g, _ in combo), tuple(loc for _, loc in combo)
+
+
+def row_major_boxes(selection: Selection) -> Iterator[tuple[tuple[int, int], ...]]:
+    """The selection as global boxes whose contents, one after the other, are the local
+    tensor in row-major order.
+
+    The last dim holding several ranges (a strided shard) is walked range by range, and
+    every dim before it index by index; the dims after it are one range each.
+    """
+    split = [d for d, ranges in enumerate(selection) if len(ranges) > 1]
+    if not split:
+        yield tuple(ranges[0] for ranges in selection)
+        return
+    k = split[-1]
+    outer = [[(i, i + 1) for a, b in ranges for i in range(a, b)] for ranges in selection[:k]]
+    inner = tuple(ranges[0] for ranges in selection[k + 1 :])
+    for head in itertools.product(*outer):
+        for run in selection[k]:
+            yield (*head, run, *inner)
+
+
+def count_row_major_boxes(selection: Selection) -> int:
+    """How many boxes `row_major_boxes` yields, without walking them."""
+    split = [d for d, ranges in enumerate(selection) if len(ranges) > 1]
+    if not split:
+        return 1
+    k = split[-1]
+    return math.prod(_length(ranges) for ranges in selection[:k]) * len(selection[k])
+
+
+def take_rows(selection: Selection, start: int, stop: int) -> Selection:
+    """Local rows [start, stop) of the selection (positions along its first dim)."""
+    return [_take(selection[0], start, stop), *selection[1:]]
+
+
+def split_box(
+    box: tuple[tuple[int, int], ...], itemsize: int, limit: int
+) -> Iterator[tuple[tuple[int, int], ...]]:
+    """`box` cut, in row-major order, into boxes of at most `limit` bytes where possible
+    (along its first dim of extent > 1, and recursively when one slice of it is too big)."""
+    extents = [b - a for a, b in box]
+    d = next((i for i, e in enumerate(extents) if e > 1), None)
+    nbytes = itemsize * math.prod(extents)
+    if nbytes <= limit or d is None:
+        yield box
+        return
+    step = max(1, nbytes // extents[d])  # bytes per index of dim d
+    per = max(1, limit // step)
+    a, b = box[d]
+    for start in range(a, b, per):
+        piece = box[:d] + ((start, min(b, start + per)),) + box[d + 1 :]
+        if per == 1 and step > limit:
+            yield from split_box(piece, itemsize, limit)
+        else:
+            yield piece

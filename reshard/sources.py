@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,6 +54,10 @@ class Source:
     repo: str | None = None
     revision: str | None = None
     _hashes: dict[str, str] | None = field(default=None, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def __post_init__(self) -> None:
+        self._preset = self._hashes is not None  # known from a manifest, not computed
 
     @property
     def model_type(self) -> str:
@@ -64,6 +69,10 @@ class Source:
     def file_hashes(self) -> dict[str, str]:
         """sha256 of every weight file: free for Hub-cache blobs, which are named by it, and
         for local files unchanged since they were last hashed (reshard.hash_cache)."""
+        with self._lock:  # one thread hashes; another asking waits for its answer
+            return self._file_hashes()
+
+    def _file_hashes(self) -> dict[str, str]:
         if self._hashes is None:
             from reshard.hash_cache import cached_sha256
 
@@ -72,6 +81,20 @@ class Source:
             hashed = cached_sha256(local)  # remembered while each file is unchanged
             self._hashes = {f.name: hashed.get(f, blobs[f]) for f in self.files}
         return self._hashes
+
+    def file_ids(self) -> dict[str, object]:
+        """What identifies each weight file's content without reading it: its sha256 where
+        that is free (a Hub blob's name, a sharded source's manifest), else its stat stamp,
+        which any rewrite of the file changes."""
+        from reshard.hash_cache import stamp
+
+        if self._hashes is not None and self._preset:
+            return dict(self._hashes)
+        ids: dict[str, object] = {}
+        for f in self.files:
+            blob = f.resolve().name
+            ids[f.name] = blob if re.fullmatch(r"[0-9a-f]{64}", blob) else stamp(f)
+        return ids
 
     def describe(self) -> dict:
         return {
@@ -146,13 +169,19 @@ def _safetensors_files(directory: Path) -> list[Path]:
 def _headers(files: list[Path], reader: SliceReader) -> dict[str, SourceTensor]:
     tensors: dict[str, SourceTensor] = {}
     for path in files:
-        for name, info in read_header(path, error=SourceError).tensors.items():
+        header = read_header(path, error=SourceError)
+        for name, info in header.tensors.items():
             if name in tensors:
                 raise SourceError(
                     f"tensor {shown(name)} is stored twice: {tensors[name].path} and {path}"
                 )
             tensors[name] = SourceTensor(
-                path=str(path), name=name, shape=info.shape, dtype=info.dtype, reader=reader
+                path=str(path),
+                name=name,
+                shape=info.shape,
+                dtype=info.dtype,
+                reader=reader,
+                offset=header.data_start + info.start,
             )
     return tensors
 

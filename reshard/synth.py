@@ -115,8 +115,7 @@ class _Synthetic(_Shape):
         self.pool, self.name = pool, name
 
     def read(self, box) -> torch.Tensor:
-        values = _values(self.pool, self.name, self.shape, self.dtype)
-        return values[tuple(slice(a, b) for a, b in box)]
+        return _values(self.pool, self.name, self.shape, box)
 
 
 def hf_tensors(config: dict, dtype: torch.dtype) -> dict[str, tuple[int, ...]]:
@@ -146,18 +145,23 @@ def preset(like: str, layers: int | None = None) -> tuple[dict, str]:
     return config, shard
 
 
-def _values(pool: torch.Tensor, name: str, shape: tuple[int, ...], dtype: torch.dtype):
-    """normal(0, 0.02) for matrices, ones for norms; cut from `pool` at an offset per name."""
-    if len(shape) == 1:
-        return torch.ones(shape, dtype=dtype)
-    n = math.prod(shape)
-    pieces, at = [], zlib.crc32(name.encode()) % pool.numel()
-    while n > 0:  # wrap around the pool: no copy unless the tensor crosses its end
+def _values(pool: torch.Tensor, name: str, shape: tuple[int, ...], box) -> torch.Tensor:
+    """Box `box` of tensor `name`: normal(0, 0.02) for matrices, ones for norms. A matrix's
+    values are the pool from an offset per name onwards (wrapping around its end); only the
+    span covering the box is cut, so a chunk of a large tensor costs its own size."""
+    extents = [b - a for a, b in box]
+    if len(shape) == 1 or 0 in extents:
+        return torch.ones(extents, dtype=pool.dtype)
+    strides = [math.prod(shape[d + 1 :]) for d in range(len(shape))]
+    first = sum(a * s for (a, _), s in zip(box, strides))
+    n = sum((b - 1) * s for (_, b), s in zip(box, strides)) + 1 - first
+    pieces, at = [], (zlib.crc32(name.encode()) + first) % pool.numel()
+    while n > 0:  # no copy unless the span crosses the pool's end
         take = min(n, pool.numel() - at)
         pieces.append(pool[at : at + take])
         n, at = n - take, 0
-    values = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-    return values.view(shape)
+    span = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+    return span.as_strided(extents, strides)
 
 
 def write_synth(
@@ -167,7 +171,7 @@ def write_synth(
     max_shard_size: str = "4GB",
     dtype: torch.dtype = torch.bfloat16,
     seed: int = 0,
-    on_bytes: Callable[[int], None] | None = None,
+    on_bytes: Callable[[int], None] = lambda n: None,
 ) -> int:
     """Write the checkpoint of `config` into `out` (HF layout, index, config, tokenizer); return
     the bytes of tensor data. One tensor is in memory at a time."""

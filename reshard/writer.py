@@ -29,7 +29,8 @@ from reshard.errors import OutputError
 TMP_SUFFIX = ".tmp"
 
 
-def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
+def nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
+    """Bytes of a tensor of this dtype and shape."""
     n = torch.empty((), dtype=dtype).element_size()
     for s in shape:
         n *= s
@@ -43,7 +44,7 @@ def safetensors_header(
     header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
     offset = 0
     for name, dtype, shape in entries:
-        size = _nbytes(dtype, shape)
+        size = nbytes(dtype, shape)
         header[name] = {
             "dtype": DTYPE_NAMES[dtype],
             "shape": list(shape),
@@ -100,11 +101,11 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise _output_error(path, e, len(data)) from e
+        raise output_error(path, e, len(data)) from e
     fsync_dir(path.parent)
 
 
-def _output_error(path: Path, e: OSError, needed: int) -> OutputError:
+def output_error(path: Path, e: OSError, needed: int) -> OutputError:
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         free = shutil.disk_usage(path.parent).free
         return OutputError(
@@ -125,7 +126,7 @@ class ShardWriter:
         self.path = Path(path)
         self.entries = list(entries)
         self.header = safetensors_header(self.entries, metadata or {})
-        self.size = len(self.header) + sum(_nbytes(d, s) for _, d, s in self.entries)
+        self.size = len(self.header) + sum(nbytes(d, s) for _, d, s in self.entries)
         self.tmp = temp_name(self.path)
         self.sha256: str | None = None
         self.nbytes = 0
@@ -137,7 +138,7 @@ class ShardWriter:
         try:
             self._file = open(self.tmp, "wb")
         except OSError as e:
-            raise _output_error(self.path, e, self.size) from e
+            raise output_error(self.path, e, self.size) from e
         self._emit(self.header)
         return self
 
@@ -145,7 +146,7 @@ class ShardWriter:
         try:
             self._file.write(data)
         except OSError as e:
-            raise _output_error(self.path, e, self.size - self.nbytes) from e
+            raise output_error(self.path, e, self.size - self.nbytes) from e
         self._hash.update(data)
         self.nbytes += len(data)
 
@@ -169,7 +170,7 @@ class ShardWriter:
                     self._file.flush()
                     os.fsync(self._file.fileno())  # data on disk before the name says "finished"
                 except OSError as e:
-                    raise _output_error(self.path, e, self.size - self.nbytes) from e
+                    raise output_error(self.path, e, self.size - self.nbytes) from e
         except BaseException:
             self._file.close()
             self.tmp.unlink(missing_ok=True)

@@ -9,7 +9,6 @@ finishes it, keeping the rank files that were complete, and leaves no temp files
 from __future__ import annotations
 
 import errno
-import io
 import json
 import os
 import random
@@ -226,6 +225,7 @@ def test_a_second_convert_into_the_same_out_is_refused(synthetic, tmp_path):
     out = tmp_path / "out"
     first = _start(_convert_cmd(synthetic, out))
     _wait_for_temp_file(out, first)
+    first.send_signal(signal.SIGSTOP)  # holds the lock, however fast the conversion is
     second = subprocess.run(
         [*_convert_cmd(synthetic, out), "--quiet"], capture_output=True, text=True, timeout=120
     )
@@ -262,31 +262,21 @@ def test_full_disk_is_refused_before_anything_is_written(tiny_dir, tmp_path):
     assert listed == [".reshard"], listed  # no rank file, no temp file, no manifest
 
 
-class _FillsUp(io.FileIO):
-    """A file whose disk fills after `room` bytes: write() raises ENOSPC, as the kernel would."""
-
-    room = 200_000
-
-    def write(self, data) -> int:
-        if _FillsUp.room < len(data):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        _FillsUp.room -= len(data)
-        return super().write(data)
-
-
 def test_disk_full_mid_write_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, capsys):
-    import builtins
-
+    """The disk fills after 200 kB: pwrite raises ENOSPC, as the kernel would."""
     import reshard.cli
-    import reshard.writer
 
-    def fills_up(path, mode="r", *args, **kwargs):
-        if "w" in mode and str(path).endswith(".tmp"):
-            return _FillsUp(path, "w")
-        return builtins.open(path, mode, *args, **kwargs)
+    room = [200_000]
+    real_pwrite = os.pwrite
+
+    def fills_up(fd, data, offset):
+        if room[0] < len(data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        room[0] -= len(data)
+        return real_pwrite(fd, data, offset)
 
     out = tmp_path / "out"
-    monkeypatch.setattr(reshard.writer, "open", fills_up, raising=False)
+    monkeypatch.setattr(os, "pwrite", fills_up)
     args = ["reshard", "convert", "--src", "tiny:qwen3_moe", "--layout", "tp2", "--out", str(out)]
     monkeypatch.setattr(sys, "argv", [*args, "--quiet"])
     with pytest.raises(SystemExit) as e:
@@ -318,28 +308,38 @@ def test_torn_records_and_stray_files_in_the_progress_dir(convert_tiny, tmp_path
     assert all(p.stat().st_mtime_ns != stamps[p.name] for p in out.glob("rank-*.safetensors"))
 
 
-def test_a_failing_worker_stops_the_others_at_once(tmp_path, monkeypatch):
-    import multiprocessing
+def test_a_failing_file_stops_the_others_at_once(tmp_path, monkeypatch):
+    import threading
 
     import reshard.convert as convert_module
     from reshard.layout import Layout
     from reshard.sources import open_source
 
-    def write_rank(plan, rank, out, on_tensor=None):
-        if rank == 1:
-            raise OutputError(f"rank {rank}: injected failure")
-        time.sleep(60)  # the others would take a minute
+    real = convert_module._segments
 
-    monkeypatch.setattr(convert_module, "write_rank", write_rank)  # inherited by fork
+    def segments(plan, tensors):
+        for k, segment in enumerate(real(plan, tensors)):
+            if threading.current_thread().name.startswith("reshard-file") and k == 3:
+                if _is_rank(plan, tensors, 1):
+                    raise OutputError("rank 1: injected failure")
+            time.sleep(0.5)  # every other file would take minutes
+            yield segment
+
+    monkeypatch.setattr(convert_module, "_segments", segments)
     plan = convert_module.make_plan(open_source("tiny:qwen3_moe"), Layout.parse("ep2tp2"))
     start = time.monotonic()
     with pytest.raises(OutputError, match="rank 1: injected failure"):
         convert_module.convert(plan, tmp_path / "out", workers=4, progress=False)
     took = time.monotonic() - start
     assert took < 20
-    print(f"a failing worker stopped the conversion after {took:.1f}s")
-    assert multiprocessing.active_children() == []
+    print(f"a failing file stopped the conversion after {took:.1f}s")
+    assert [t.name for t in threading.enumerate() if t.name.startswith("reshard-")] == []
     assert not (tmp_path / "out" / "reshard.json").exists()
+    assert _temp_files(tmp_path / "out") == []
+
+
+def _is_rank(plan, tensors, rank: int) -> bool:
+    return [t.selection for t in tensors] == [t.selection for t in plan.rank_tensors(rank)]
 
 
 def test_another_layout_in_a_finished_out_is_refused_unless_overwrite(convert_tiny, tmp_path):

@@ -166,18 +166,18 @@ def test_export_refuses_a_non_empty_out_and_a_bad_size(convert_tiny, tmp_path):
 def test_an_interrupted_export_leaves_nothing_that_looks_finished(
     convert_tiny, tmp_path, monkeypatch
 ):
-    import reshard.writer
+    import reshard.engine
 
     written = []
 
-    def fail_on_second(self, name, tensor):
-        written.append(name)
+    def fail_on_second(*args):
+        written.append(args)
         if len(written) == 2:
             raise KeyboardInterrupt
-        return original(self, name, tensor)
+        return original(*args)
 
-    original = reshard.writer.ShardWriter.write
-    monkeypatch.setattr(reshard.writer.ShardWriter, "write", fail_on_second)
+    original = reshard.engine._copy
+    monkeypatch.setattr(reshard.engine, "_copy", fail_on_second)
     from reshard.export import export
 
     with pytest.raises(KeyboardInterrupt):
