@@ -8,7 +8,8 @@ given with --src), in one run, round-robin so machine noise hits every row alike
 | row             | what runs                                                               |
 | --------------- | ----------------------------------------------------------------------- |
 | cp              | `cp -r SRC` to the same disk, then `sync` (the floor)                   |
-| reshard LAYOUT  | `reshard convert --src SRC --layout LAYOUT` (fresh --out), then `sync`  |
+| reshard LAYOUT  | `reshard convert --src SRC --layout LAYOUT` (fresh --out, fresh          |
+|                 | $RESHARD_CACHE: the source is hashed as on a first conversion), `sync`  |
 | naive LAYOUT    | benchmarks/naive_convert.py (load, fuse, chunk, save_file), then `sync` |
 | verify LAYOUT   | `reshard verify OUT --against SRC`                                      |
 | no-op LAYOUT    | `reshard convert` again into the finished --out                         |
@@ -17,6 +18,10 @@ For each: median wall time, bytes written, GB/s, the ratio to cp per byte writte
 ((t / bytes) / (t_cp / bytes_cp)), and peak RSS (the command's own, see
 convert_memory.py). The page cache is warm after the first round, as in the issue's
 figures; `--drop-caches` (root) drops it before every command instead.
+
+`--sizes 1,2,4 --plot convert.png` instead measures cp, reshard and the naive script
+(first layout only) on synth checkpoints of 1, 2 and 4 layers and plots time against
+checkpoint size (needs matplotlib: `pip install matplotlib`).
 """
 
 from __future__ import annotations
@@ -58,6 +63,10 @@ def drop_caches() -> None:
 def run_row(name: str, cmd: list[str], out: Path | None, drop: bool) -> dict:
     if drop:
         drop_caches()
+    if name.startswith("reshard "):  # a first conversion: no source hash remembered
+        cache = Path(os.environ["RESHARD_CACHE"])
+        shutil.rmtree(cache, ignore_errors=True)
+        cache.mkdir(parents=True)
     m = measure(cmd)
     sync()  # the data is on disk, not only in the page cache, as for cp
     return {
@@ -68,10 +77,15 @@ def run_row(name: str, cmd: list[str], out: Path | None, drop: bool) -> dict:
     }
 
 
-def rounds(src: Path, work: Path, layouts: list[str], n: int, drop: bool) -> list[dict]:
+def rounds(
+    src: Path, work: Path, layouts: list[str], n: int, drop: bool, only: tuple[str, ...] = ()
+) -> list[dict]:
+    os.environ["RESHARD_CACHE"] = str(work / "cache")  # the hash cache the rows see
     results = []
     for r in range(n):
         for name, make in _rows(src, work, layouts):
+            if only and not name.startswith(only):
+                continue
             out, cmd = make()
             print(f"round {r + 1}/{n}: {name}", file=sys.stderr, flush=True)
             results.append(run_row(name, cmd, out, drop))
@@ -161,6 +175,53 @@ def print_table(rows: list[dict]) -> None:
         )
 
 
+def synth(src: Path, layers: int) -> Path:
+    if not (src / "config.json").exists():
+        shutil.rmtree(src, ignore_errors=True)
+        subprocess.run(
+            reshard_cmd("synth", "--like", "qwen3-30b-a3b", "--layers", str(layers),
+                        "--out", str(src), "-q"),
+            check=True,
+        )  # fmt: skip
+    return src
+
+
+def sweep(work: Path, sizes: list[int], layout: str, n: int, drop: bool) -> list[dict]:
+    """cp, reshard and naive on synth checkpoints of each size: the points of the plot."""
+    points = []
+    for layers in sizes:
+        src = synth(work / f"src-{layers}", layers)
+        rows = summarize(
+            rounds(src, work, [layout], n, drop, only=("cp", "reshard", "naive")), dir_bytes(src)
+        )
+        for row in rows:
+            points.append({**row, "layers": layers, "source_bytes": dir_bytes(src)})
+        shutil.rmtree(src, ignore_errors=True)
+    return points
+
+
+def plot(points: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for kind, style in (("cp", "k--o"), ("reshard", "C0-o"), ("naive", "C3-s")):
+        mine = [p for p in points if p["row"].split()[0] == kind]
+        label = mine[0]["row"] if mine else kind
+        ax.plot(
+            [p["source_bytes"] / GB for p in mine], [p["wall_s"] for p in mine], style, label=label
+        )
+    ax.set_xlabel("checkpoint size, GB (synth Qwen3-30B-A3B, 1 layer = 1.2 GB)")
+    ax.set_ylabel("wall time, s (median)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -172,20 +233,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, help="scratch directory on the disk to measure")
     p.add_argument("--drop-caches", action="store_true", help="cold page cache (needs root)")
     p.add_argument("--json", type=Path, help="also write the rows here")
+    p.add_argument("--sizes", help="layer counts to sweep, e.g. 1,2,4 (cp, reshard, naive)")
+    p.add_argument("--plot", type=Path, help="with --sizes: write the PNG here")
     args = p.parse_args(argv)
     work = args.work or Path(tempfile.mkdtemp(prefix="reshard-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    src = args.src
-    if src is None:
-        src = work / "src"
-        if not (src / "config.json").exists():
-            shutil.rmtree(src, ignore_errors=True)
-            subprocess.run(
-                reshard_cmd("synth", "--like", "qwen3-30b-a3b", "--layers", str(args.layers),
-                            "--out", str(src), "-q"),
-                check=True,
-            )  # fmt: skip
     layouts = args.layouts.split(",")
+    if args.sizes:
+        points = sweep(
+            work, [int(x) for x in args.sizes.split(",")], layouts[0], args.rounds, args.drop_caches
+        )
+        print(f"{os.cpu_count()} CPUs, {args.rounds} rounds, layout {layouts[0]}")
+        print("| layers | source GB | row | wall s | x cp per byte | peak RSS MB |")
+        print("| --- | --- | --- | --- | --- | --- |")
+        for q in points:
+            print(
+                f"| {q['layers']} | {q['source_bytes'] / GB:.2f} | {q['row']} | {q['wall_s']:.1f} | "
+                f"{q['vs_cp_per_byte']:.2f} | {q['peak_rss_mb']:,.0f} |"
+            )
+        if args.json:
+            args.json.write_text(json.dumps({"points": points}, indent=2))
+        if args.plot:
+            plot(points, args.plot, f"convert to {layouts[0]}, {os.cpu_count()} CPUs")
+        return 0
+    src = args.src or synth(work / "src", args.layers)
     results = rounds(src, work, layouts, args.rounds, args.drop_caches)
     rows = summarize(results, dir_bytes(src))
     print(

@@ -131,10 +131,9 @@ def _write_file(
             buffer = None
             if isinstance(segment, FileSpan):
                 k = count % (WINDOW + 1)
-                if segment.nbytes > CHUNK:
-                    buffer = bytearray(segment.nbytes)  # a row larger than a chunk: its own
-                else:
-                    buffer = buffers[k] = buffers[k] or bytearray(CHUNK)
+                if buffers[k] is None or len(buffers[k]) < segment.nbytes:
+                    buffers[k] = bytearray(segment.nbytes)  # grows to the largest span, ~CHUNK
+                buffer = buffers[k]
             pending.append(io.submit(_copy, segment, fd, offset, buffer, reader, job.path, size))
             offset += _segment_bytes(segment)
             count += 1

@@ -36,8 +36,12 @@ def _load() -> dict:
 
 
 def cached_sha256(paths: list[Path]) -> dict[Path, str]:
-    """sha256 of each of `paths`, from the cache where the file is unchanged since."""
-    cache, out, changed = _load(), {}, False
+    """sha256 of each of `paths`, from the cache where the file is unchanged since; the others
+    are hashed in parallel threads (hashlib releases the GIL), one file per thread."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cache, out = _load(), {}
+    misses = []
     for path in paths:
         key, before = os.path.realpath(path), stamp(path)
         hit = cache.get(key)
@@ -47,15 +51,22 @@ def cached_sha256(paths: list[Path]) -> dict[Path, str]:
             and isinstance(hit.get("sha256"), str)
         ):
             out[path] = hit["sha256"]
-            continue
-        out[path] = sha256_file(path)
+        else:
+            misses.append((path, key, before))
+    if not misses:
+        return out
+    threads = min(
+        len(misses), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+    )
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        hashed = list(pool.map(lambda m: sha256_file(m[0]), misses))
+    for (path, key, before), digest in zip(misses, hashed):
+        out[path] = digest
         if stamp(path) == before:  # not rewritten while we read it
-            cache[key] = {"stamp": before, "sha256": out[path]}
-            changed = True
-    if changed:
-        try:
-            _cache_file().parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(_cache_file(), json.dumps(cache))
-        except OSError:
-            pass  # a read-only cache only costs time
+            cache[key] = {"stamp": before, "sha256": digest}
+    try:
+        _cache_file().parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(_cache_file(), json.dumps(cache))
+    except OSError:
+        pass  # a read-only cache only costs time
     return out
