@@ -23,6 +23,7 @@ import itertools
 import math
 import os
 import threading
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,6 +106,9 @@ class FileSpan:
 # What `LazyTensor.segments` yields: bytes to copy from a file, or a tensor computed from them.
 Segment = FileSpan | torch.Tensor
 
+# Covering reads of column slices kept for the other TP ranks (bytes, least recently used out).
+SPAN_CACHE = 32 << 20
+
 # A contiguous run of a box shorter than this is read with its neighbours by `read` (one
 # covering read, then torch picks the elements) instead of as a FileSpan of its own.
 MIN_SPAN = 64 << 10
@@ -122,6 +126,8 @@ class SliceReader:
     bytes_read: dict[str, int] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _offsets: dict[str, dict[str, int]] = field(default_factory=dict, repr=False)
+    _spans: OrderedDict = field(default_factory=OrderedDict, repr=False)
+    _cached: int = 0
 
     def locate(self, path: str, name: str) -> int:
         """Where tensor `name`'s data starts in file `path` (its header is read once)."""
@@ -166,13 +172,40 @@ class SliceReader:
         strides = _row_major_strides(tensor.shape)
         first = sum(a * s for (a, _), s in zip(box, strides))
         last = sum((b - 1) * s for (_, b), s in zip(box, strides))
-        span = torch.empty(last - first + 1, dtype=tensor.dtype)
-        item = span.element_size()
-        self.read_into(path, tensor.offset + first * item, _bytes_of(span), f"tensor {name}")
         shape = [b - a for a, b in box]
+        item = torch.empty((), dtype=tensor.dtype).element_size()
         self.count(path, math.prod(shape) * item)
-        local = span.as_strided(shape, strides)
-        return local if local.numel() == span.numel() else local.contiguous()
+        if last - first + 1 == math.prod(shape):  # the box is one contiguous run
+            span = torch.empty(last - first + 1, dtype=tensor.dtype)
+            self.read_into(path, tensor.offset + first * item, _bytes_of(span), f"tensor {name}")
+            return span.view(shape)
+        # A column slice: the TP ranks written at the same time each need other columns of
+        # the same rows, so the covering read is shared through a small cache.
+        span = self._covering(
+            path, name, tensor.offset + first * item, last - first + 1, tensor.dtype
+        )
+        return span.as_strided(shape, strides).contiguous()
+
+    def _covering(
+        self, path: str, name: str, offset: int, count: int, dtype: torch.dtype
+    ) -> torch.Tensor:
+        key = (path, offset, count)
+        with self._lock:
+            span = self._spans.get(key)
+            if span is not None:
+                self._spans.move_to_end(key)
+                return span
+        span = torch.empty(count, dtype=dtype)
+        self.read_into(path, offset, _bytes_of(span), f"tensor {name}")
+        nbytes = count * span.element_size()
+        if nbytes <= SPAN_CACHE // 4:
+            with self._lock:
+                self._spans[key] = span
+                self._cached += nbytes
+                while self._cached > SPAN_CACHE:
+                    _, dropped = self._spans.popitem(last=False)
+                    self._cached -= dropped.numel() * dropped.element_size()
+        return span
 
 
 def _row_major_strides(shape: Sequence[int]) -> list[int]:
@@ -258,6 +291,17 @@ def _shift(box: Box, dim: int, start: int, stop: int) -> Box:
     return box[:dim] + ((start, stop),) + box[dim + 1 :]
 
 
+def _per_leading_index(tensor: LazyTensor, box: Box, dim: int) -> Iterator[Segment]:
+    """`tensor.segments(box)` when the box is wider than 1 before `dim`: one box per index of
+    those dims, in row-major order (each then has the pieces along `dim` one after the other);
+    when that would be too many boxes, the box computed as one tensor."""
+    if math.prod(b - a for a, b in box[:dim]) > MAX_BOXES:
+        yield tensor.read(box)
+        return
+    for index in itertools.product(*(range(a, b) for a, b in box[:dim])):
+        yield from tensor.segments(tuple((i, i + 1) for i in index) + box[dim:])
+
+
 def _leading_unit(box: Box, dim: int) -> bool:
     """True when the box has extent 1 in every dim before `dim`: then its row-major bytes are
     its pieces along `dim`, one after the other."""
@@ -289,7 +333,7 @@ class Stack(LazyTensor):
 
     def segments(self, box: Box) -> Iterator[Segment]:
         if not _leading_unit(box, self.dim):
-            yield from super().segments(box)
+            yield from _per_leading_index(self, box, self.dim)
             return
         inner = box[: self.dim] + box[self.dim + 1 :]
         for i in range(*box[self.dim]):
@@ -326,7 +370,7 @@ class Cat(LazyTensor):
 
     def segments(self, box: Box) -> Iterator[Segment]:
         if not _leading_unit(box, self.dim):
-            yield from super().segments(box)
+            yield from _per_leading_index(self, box, self.dim)
             return
         lo, hi = box[self.dim]
         offset = 0
@@ -462,7 +506,7 @@ class RepeatBlocks(LazyTensor):
 
     def segments(self, box: Box) -> Iterator[Segment]:
         if not _leading_unit(box, self.dim):
-            yield from super().segments(box)
+            yield from _per_leading_index(self, box, self.dim)
             return
         lo, hi = box[self.dim]
         i = lo
@@ -537,7 +581,7 @@ def read_selection(tensor: LazyTensor, selection: Selection) -> torch.Tensor:
 
 
 def selection_segments(
-    tensor: LazyTensor, selection: Selection, chunk_bytes: int = 16 << 20
+    tensor: LazyTensor, selection: Selection, chunk_bytes: int = 4 << 20
 ) -> Iterator[Segment]:
     """The local tensor at `selection`, as segments in its row-major byte order.
 
@@ -552,7 +596,7 @@ def selection_segments(
 
 
 def selection_chunks(
-    tensor: LazyTensor, selection: Selection, chunk_bytes: int = 16 << 20
+    tensor: LazyTensor, selection: Selection, chunk_bytes: int = 4 << 20
 ) -> Iterator[torch.Tensor]:
     """The same bytes as `selection_segments`, each piece computed by `read` (no file spans):
     the simple path, which `reshard verify --against` checks the written files with."""

@@ -11,7 +11,8 @@ too. That lets the work split three ways and overlap:
   cannot be split), so the file's hash comes from the writer, never from reading
   the file back;
 - several files are written at once (ranks that read the same source regions
-  read them while their pages are hot).
+  read them while their pages are hot), and each written range is handed to the
+  disk at once (`sync_file_range`) instead of all at the final fsync.
 
 Torch ops, `preadv`/`pwrite` and hashlib release the GIL, so the threads run
 in parallel. Memory is bounded by `window` segments of at most CHUNK bytes per
@@ -25,6 +26,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import hashlib
 import os
+import sys
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -36,8 +38,10 @@ import torch
 from reshard.converters.lazy import FileSpan, Segment, SliceReader
 from reshard.writer import nbytes, output_error, safetensors_header, temp_name, tensor_bytes
 
-CHUNK = 16 << 20  # bytes per segment at most (boxes are cut to this size)
-WINDOW = 3  # segments in flight per file
+# Bytes per segment at most (boxes are cut to this size) and segments in flight per file:
+# 4 MB x 4 kept the 2-core VM at its copy+hash floor, and memory a few tens of MB per file.
+CHUNK = 4 << 20
+WINDOW = 4
 MAX_FILES = 8  # files written at once at most: each holds WINDOW + 1 buffers
 
 
@@ -182,7 +186,32 @@ def _copy(
     else:
         data = tensor_bytes(segment)
     _pwrite_all(fd, data, offset, path, size)
+    _start_writeback(fd, offset, len(data))
     return data
+
+
+def _start_writeback(fd: int, offset: int, nbytes: int) -> None:
+    """Start writing these pages to disk now (Linux `sync_file_range`), so the disk works while
+    we copy and the fsync at each file's end has little left to wait for. On a 16-core host it
+    took a 6.2 GB conversion from 5.5 s to 3.1 s (docs/benchmarks.md). Elsewhere: nothing."""
+    if _sync_file_range is not None:
+        _sync_file_range(fd, offset, nbytes, 2)  # SYNC_FILE_RANGE_WRITE: start, do not wait
+
+
+def _load_sync_file_range():
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        f = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    f.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    return f
+
+
+_sync_file_range = _load_sync_file_range()
 
 
 def _pwrite_all(fd: int, data: bytes | memoryview, offset: int, path: Path, size: int) -> None:

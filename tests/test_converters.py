@@ -29,7 +29,13 @@ from reshard.converters import (
     WeightConverter,
     get_spec,
 )
-from reshard.converters.lazy import SAFETENSORS_DTYPES, SliceReader, SourceTensor, read_selection
+from reshard.converters.lazy import (
+    SAFETENSORS_DTYPES,
+    FileSpan,
+    SliceReader,
+    SourceTensor,
+    read_selection,
+)
 from reshard.errors import ConversionError, LayoutError
 from reshard.layout import Layout
 from reshard.plan import canonical_style, placements_for
@@ -155,8 +161,32 @@ OP_CASES = {
 }
 
 
+def _from_segments(t, box) -> torch.Tensor:
+    """The box as the engine writes it: every segment's bytes, one after the other (a file
+    span read with plain file I/O, a tensor as its bytes)."""
+    data = bytearray()
+    for segment in t.segments(box):
+        if isinstance(segment, FileSpan):
+            with open(segment.path, "rb") as f:
+                f.seek(segment.offset)
+                data += f.read(segment.nbytes)
+        else:
+            data += segment.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+    shape = [b - a for a, b in box]
+    return (
+        torch.frombuffer(data, dtype=t.dtype).view(shape)
+        if data
+        else torch.empty(shape, dtype=t.dtype)
+    )
+
+
+@pytest.mark.parametrize("min_span", [0, None], ids=["spans", "default"])
 @pytest.mark.parametrize("case", sorted(OP_CASES))
-def test_op_matches_torch_and_inverse_round_trips(case, tmp_path):
+def test_op_matches_torch_and_inverse_round_trips(case, min_span, tmp_path, monkeypatch):
+    import reshard.converters.lazy as lazy
+
+    if min_span is not None:  # every contiguous run as a file span, however short
+        monkeypatch.setattr(lazy, "MIN_SPAN", min_span)
     op, torch_groups, reference = OP_CASES[case]
     names = [[f"g{i}.{j}" for j in range(len(group))] for i, group in enumerate(torch_groups)]
     files = lazy_file(
@@ -175,7 +205,10 @@ def test_op_matches_torch_and_inverse_round_trips(case, tmp_path):
             assert_bit_equal(got.materialize(), expected.contiguous(), case)
             # Slice pushdown: any box of the lazy result is that box of the torch result.
             for box in boxes(tuple(got.shape)):
-                assert_bit_equal(got.read(box), crop(expected, box).contiguous(), f"{case} {box}")
+                want_box = crop(expected, box).contiguous()
+                assert_bit_equal(got.read(box), want_box, f"{case} {box}")
+                # The engine's path: file spans and computed pieces, in row-major order.
+                assert_bit_equal(_from_segments(got, box), want_box, f"{case} {box} segments")
 
     back = op.inverse(len(groups)).apply(out)
     assert [len(g) for g in back] == [len(g) for g in torch_groups]
@@ -202,6 +235,51 @@ def test_strided_selection_reads_the_union_of_boxes(tmp_path):
     full = a.materialize()
     selection = [[(1, 2)], [(0, 2), (4, 6)], [(0, 3)]]  # expert 1, rows 0,1,4,5
     assert_bit_equal(read_selection(a, selection), full[1:2][:, [0, 1, 4, 5]])
+
+
+@pytest.mark.parametrize("chunk", [4, 40, 1 << 20])
+@pytest.mark.parametrize("max_boxes", [2, 1 << 14])
+def test_selection_segments_and_chunks_are_the_local_tensor(
+    tmp_path, monkeypatch, chunk, max_boxes
+):
+    """Every strided / sharded selection of a stacked, concatenated tensor, cut into pieces of
+    at most `chunk` bytes (or, past `max_boxes`, into slabs of rows), gives the local tensor
+    that read_selection gives, through both the engine's segments and verify's chunks."""
+    import reshard.converters.lazy as lazy
+    from reshard.converters.lazy import Cat, Stack, selection_chunks, selection_segments
+
+    monkeypatch.setattr(lazy, "MIN_SPAN", 0)
+    monkeypatch.setattr(lazy, "MAX_BOXES", max_boxes)
+    torch_parts = {
+        f"{w}{e}": _rand(8, 6, seed=10 * e + i) for e in range(4) for i, w in enumerate("gu")
+    }
+    files = lazy_file(tmp_path / "e.safetensors", torch_parts)
+    fused = Stack(
+        [Cat([files[f"g{e}"], files[f"u{e}"]], dim=0) for e in range(4)], dim=0
+    )  # [4, 16, 6]
+    gu = Cat(
+        [Stack([files[f"{w}{e}"] for e in range(4)], dim=0) for w in "gu"], dim=1
+    )  # same values
+    for t in (fused, gu):
+        for selection in (
+            [[(0, 4)], [(0, 16)], [(0, 6)]],
+            [[(1, 3)], [(0, 4), (8, 12)], [(0, 6)]],  # _StridedShard(-2, 2) of 2, EP of 2
+            [[(0, 4)], [(2, 4), (10, 12)], [(3, 6)]],  # strided rows and a column slice
+            [[(0, 2), (3, 4)], [(0, 16)], [(0, 3)]],
+        ):
+            want = read_selection(t, selection)
+            data = bytearray()
+            for segment in selection_segments(t, selection, chunk):
+                if isinstance(segment, FileSpan):
+                    with open(segment.path, "rb") as f:
+                        f.seek(segment.offset)
+                        data += f.read(segment.nbytes)
+                else:
+                    data += segment.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+            got = torch.frombuffer(data, dtype=t.dtype).view(want.shape)
+            assert_bit_equal(got, want, f"segments {selection}")
+            chunks = torch.cat([c.reshape(-1) for c in selection_chunks(t, selection, chunk)])
+            assert_bit_equal(chunks.view(want.shape), want, f"chunks {selection}")
 
 
 # --- converters forward and backward on the tiny checkpoint -------------------------------------
