@@ -17,6 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from reshard.errors import CheckpointError
+from reshard.hash_cache import cached_sha256
 from reshard.layout import Layout
 from reshard.manifest import FileEntry, Manifest, load_manifest
 from reshard.placements import Selection, local_selection, selection_shape
@@ -81,10 +82,13 @@ class ShardedCheckpoint:
         coords = tuple(self.layout.coords(rank).values())
         return local_selection(p.shape, p.placements, self.layout.mesh_shape, coords, what=name)
 
-    def check_rank_file(self, rank: int, *, hash: bool = True) -> None:
+    def check_rank_file(self, rank: int, *, hash: bool = True, recorded: bool = False) -> None:
         """Raise CheckpointError unless each of rank `rank`'s files exists, has the manifest's
         size and sha256 (skipped with `hash=False`), and its own header names this rank, layout
-        (and part) and holds exactly the manifest's tensors with their dtypes and local shapes."""
+        (and part) and holds exactly the manifest's tensors with their dtypes and local shapes.
+
+        `recorded=True` takes the sha256 from reshard.hash_cache while the file is unchanged
+        since it was last hashed (or written by `convert`), instead of reading it again."""
         files = self.rank_files(rank)  # range-checked first
         for k, (path, entry) in enumerate(files, start=1):
             if not path.is_file():
@@ -99,7 +103,10 @@ class ShardedCheckpoint:
                 raise CheckpointError(
                     f"{path}: {size} bytes, manifest says {entry.bytes} (truncated?)"
                 )
-            if hash and sha256_file(path) != entry.sha256:
+            digest = None
+            if hash:
+                digest = cached_sha256([path])[path] if recorded else sha256_file(path)
+            if hash and digest != entry.sha256:
                 raise CheckpointError(
                     f"{path}: sha256 does not match the manifest (corrupt or replaced file)"
                 )
@@ -147,7 +154,7 @@ class ShardedCheckpoint:
 
         `verify=False` skips only the sha256; the file's own header is always checked.
         """
-        self.check_rank_file(rank, hash=verify)
+        self.check_rank_file(rank, hash=verify, recorded=True)
         with self.open_rank(rank, device=device) as f:
             return {name: f.get_tensor(name) for name in self.params}
 

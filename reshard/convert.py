@@ -41,7 +41,7 @@ from reshard.converters.lazy import (
 )
 from reshard.engine import CHUNK, FileJob, Written, default_workers, write_files
 from reshard.errors import LayoutError, OutputError, ReshardError, SourceError
-from reshard.hash_cache import stamp
+from reshard.hash_cache import remember, stamp
 from reshard.layout import Layout
 from reshard.manifest import (
     MANIFEST,
@@ -302,6 +302,7 @@ def _finish_rank(plan: ConversionPlan, rank: int, out: Path, written: list[Writt
         "stamps": {f.file: stamp(out / f.file) for f in files},
     }
     atomic_write_text(_record_path(out, rank), json.dumps(record))
+    remember({w.path: w.sha256 for w in written})  # a load right after need not re-read them
     return RankEntry(rank=rank, coords=plan.layout.coords(rank), files=files)
 
 

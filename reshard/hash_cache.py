@@ -1,5 +1,9 @@
 """sha256 of large files, remembered while the file is provably unchanged.
 
+Used for sources (a no-op re-run hashes nothing) and for rank files: `convert` records the
+hash its writer computed, so loading a rank right after converting it, or a second time,
+checks its integrity without reading it again. `reshard verify` always reads.
+
 Hashing a 60 GB source on every `reshard convert` cost a no-op re-run 75% of a full
 one. A hash is kept in `$RESHARD_CACHE/hashes.json` under the file's real path with the
 stat fields that any rewrite changes: device, inode, size, mtime and ctime (ctime cannot
@@ -70,3 +74,15 @@ def cached_sha256(paths: list[Path]) -> dict[Path, str]:
     except OSError:
         pass  # a read-only cache only costs time
     return out
+
+
+def remember(paths: dict[Path, str]) -> None:
+    """Record hashes known without reading (a file we just wrote and hashed while writing)."""
+    cache = _load()
+    for path, digest in paths.items():
+        cache[os.path.realpath(path)] = {"stamp": stamp(path), "sha256": digest}
+    try:
+        _cache_file().parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(_cache_file(), json.dumps(cache))
+    except OSError:
+        pass  # a read-only cache only costs time

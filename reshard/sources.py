@@ -318,7 +318,7 @@ def _open_sharded(text: str, ckpt) -> Source:
 
     try:
         for rank in range(ckpt.layout.world_size):
-            ckpt.check_rank_file(rank)
+            ckpt.check_rank_file(rank, recorded=True)
         head_dim = get_spec(ckpt.manifest.model_type).parse_config(ckpt.manifest.config).head_dim
     except (ReshardError, KeyError, ValueError, TypeError) as e:
         raise SourceError(f"{text}: not a usable sharded checkpoint: {e}") from e

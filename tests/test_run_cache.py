@@ -12,6 +12,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
 import torch
 from helpers_cli import reshard_cmd
 from safetensors.torch import load_file, save_file
@@ -94,3 +95,45 @@ def test_run_uses_the_rewritten_source(tiny_dir, tmp_path):
     assert [ShardedCheckpoint(e).manifest.source["files"] == source_hashes for e in entries].count(
         True
     ) == 1
+
+
+def test_a_rank_file_is_hashed_once_and_its_hash_recorded(tmp_path, monkeypatch):
+    """Integrity off the load's critical path: convert records each rank file's hash from its
+    writer, so loading after converting reads nothing extra; a changed file is hashed again
+    (and refused when damaged); `reshard verify` always reads."""
+    import hashlib
+
+    import reshard.checkpoint
+    import reshard.hash_cache
+    from reshard.convert import convert, make_plan
+    from reshard.errors import CheckpointError
+    from reshard.layout import Layout
+    from reshard.runtime import load_local_tensors
+    from reshard.sources import open_source
+
+    out = tmp_path / "ep2"
+    convert(make_plan(open_source("tiny:qwen3_moe"), Layout.parse("ep2")), out, progress=False)
+    hashed: list[str] = []
+
+    def counting(path, *a, **k):
+        hashed.append(Path(path).name)
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+    monkeypatch.setattr(reshard.hash_cache, "sha256_file", counting)
+    monkeypatch.setattr(reshard.checkpoint, "sha256_file", counting)
+    rank1 = out / "rank-00001-of-00002.safetensors"
+    for rank in (0, 1, 0):
+        load_local_tensors(out, rank=rank)
+    assert hashed == []  # recorded by convert's writer
+    rank1.write_bytes(rank1.read_bytes())  # same bytes, but rewritten: not provably unchanged
+    load_local_tensors(out, rank=1)
+    load_local_tensors(out, rank=1)
+    assert hashed == [rank1.name]  # hashed once, then recorded again
+    flip = bytearray(rank1.read_bytes())
+    flip[-1] ^= 1
+    rank1.write_bytes(bytes(flip))
+    with pytest.raises(CheckpointError, match="sha256 does not match"):
+        load_local_tensors(out, rank=1)
+    hashed.clear()
+    ShardedCheckpoint(out).check_rank_file(0)  # what `reshard verify` runs: always reads
+    assert hashed == ["rank-00000-of-00002.safetensors"]
