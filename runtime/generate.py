@@ -86,6 +86,7 @@ def generate(
     finished_B = torch.zeros(prompt_ids_BT.shape[0], dtype=torch.bool, device=prompt_ids_BT.device)
     last_B = prompt_ids_BT[:, -1]
     input_ids_BT, start_pos = prompt_ids_BT, 0
+    streamed: list[int] = []
     for _ in range(max_new_tokens):
         logits_BV = step(input_ids_BT, start_pos)[:, -1]
         next_B = sample_next(logits_BV, temperature=temperature, top_p=top_p, generator=generator)
@@ -94,7 +95,8 @@ def generate(
         next_B = torch.where(finished_B, last_B, next_B)
         tokens.append(next_B[:, None])
         if on_token is not None:
-            on_token(torch.cat(tokens[1:], dim=1)[0].tolist())
+            streamed.append(int(next_B[0]))  # one id per step, not all of them again
+            on_token(streamed)
         finished_B |= torch.isin(next_B, eos)
         if finished_B.all():
             break

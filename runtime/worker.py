@@ -93,7 +93,7 @@ def run(args: argparse.Namespace, ckpt: ShardedCheckpoint, rank: int, device: to
         seed=args.seed,
         eos_token_ids=codec.eos_token_ids,
         sync=agree,
-        on_token=on_token,
+        on_token=on_token if stream is not None else None,  # no host sync on other ranks
     )
     elapsed = time.perf_counter() - start
     output_ids = out_BT[0, len(prompt_ids) :].tolist()

@@ -393,3 +393,26 @@ def test_grouped_mm_path_matches_loop_on_cuda(monkeypatch, transposed):
     assert max_diff(got, want) < 2e-2 * want.abs().max().item()
     for name, b, f in zip(["x", "gate_up", "down"], bf16, fp32, strict=True):
         assert max_diff(b.grad, f.grad) < 2e-2 * f.grad.abs().max().item(), name
+
+
+def test_generate_streams_each_prefix_of_row_0_once_per_step():
+    from reshard.runtime.generate import generate
+
+    vocab = 11
+
+    def step(ids_BT, start_pos):  # the next token is (last token + row + 1) mod vocab
+        nxt = (ids_BT[:, -1:] + torch.arange(ids_BT.shape[0])[:, None] + 1) % vocab
+        return torch.nn.functional.one_hot(nxt, vocab).float()
+
+    seen: list[list[int]] = []
+    out = generate(
+        step,
+        torch.tensor([[3], [5]]),
+        max_new_tokens=6,
+        eos_token_ids=(1,),
+        on_token=lambda ids: seen.append(list(ids)),
+    )
+    row0 = out[0, 1:].tolist()
+    assert row0 == [4, 5, 6, 7, 8, 9]
+    assert out[1, 1:].tolist() == [7, 9, 0, 2, 4, 6]
+    assert seen == [row0[:k] for k in range(1, 7)]
