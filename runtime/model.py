@@ -565,7 +565,12 @@ class CausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(
-        self, input_ids_BT: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None
+        self,
+        input_ids_BT: torch.Tensor,
+        start_pos: int = 0,
+        cache: KVCache | None = None,
+        *,
+        logits_from: int = 0,
     ) -> torch.Tensor:
         """Logits for ``input_ids_BT`` placed at positions ``start_pos ...``.
 
@@ -574,11 +579,15 @@ class CausalLM(nn.Module):
             start_pos: absolute position of the first token; with a cache, the
                 number of tokens already in it.
             cache: keys/values of earlier steps, updated in place.
+            logits_from: the first of the T tokens to compute logits for: generation
+                needs only the last (``T - 1``), which spares the lm_head (and, under TP,
+                the all-gather of vocab logits) every other prompt position.
 
         Returns:
-            ``[B, T, V]`` fp32 logits.
+            ``[B, T - logits_from, V]`` fp32 logits.
         """
-        return self.lm_head(self.model(input_ids_BT, start_pos, cache)).float()
+        h_BTH = self.model(input_ids_BT, start_pos, cache)
+        return self.lm_head(h_BTH[:, logits_from:]).float()
 
 
 @contextmanager

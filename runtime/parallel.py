@@ -268,17 +268,19 @@ def _pad_sequence_for_sp(model: CausalLM, tp: int) -> list[int]:
     """-sp splits the sequence over tp: pad it to a multiple (pads sit after the real
     tokens, so causal attention keeps them out of every real token) and drop their logits."""
     real: list[int] = []
+    kept: list[int] = []  # logits of real tokens: from `logits_from` to the last real one
 
     def before(module, args, kwargs):
         ids_BT = args[0] if args else kwargs.pop("input_ids_BT")
         real[:] = [ids_BT.shape[1]]
+        kept[:] = [ids_BT.shape[1] - kwargs.get("logits_from", 0)]
         pad = -ids_BT.shape[1] % tp
         if pad:
             ids_BT = torch.cat([ids_BT, ids_BT.new_zeros(ids_BT.shape[0], pad)], dim=1)
         return (ids_BT, *args[1:]), kwargs
 
     model.register_forward_pre_hook(before, with_kwargs=True)
-    model.register_forward_hook(lambda m, a, logits: logits[:, : real[0]])
+    model.register_forward_hook(lambda m, a, logits: logits[:, : kept[0]])
     return real
 
 

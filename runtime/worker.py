@@ -73,7 +73,8 @@ def run(args: argparse.Namespace, ckpt: ShardedCheckpoint, rank: int, device: to
             sys.stdout.flush()
 
     def step(ids_BT: torch.Tensor, start_pos: int) -> torch.Tensor:
-        return pm.model(ids_BT.to(device), start_pos, cache)
+        # Only the last position's logits: the next token needs no others.
+        return pm.model(ids_BT.to(device), start_pos, cache, logits_from=ids_BT.shape[1] - 1)
 
     def agree(next_B: torch.Tensor) -> torch.Tensor:
         # Logits are bitwise equal on every rank, so tokens are too; broadcasting rank 0's

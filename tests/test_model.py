@@ -416,3 +416,17 @@ def test_generate_streams_each_prefix_of_row_0_once_per_step():
     assert row0 == [4, 5, 6, 7, 8, 9]
     assert out[1, 1:].tolist() == [7, 9, 0, 2, 4, 6]
     assert seen == [row0[:k] for k in range(1, 7)]
+
+
+def test_logits_from_gives_the_same_last_logits_and_only_those():
+    args = parse_config(hf_config().to_dict())
+    model = CausalLM(args).eval()
+    randomize_(model, seed=3)
+    ids_BT = torch.randint(0, args.vocab_size, (2, 7))
+    full_BTV = model(ids_BT)
+    last_B1V = model(ids_BT, logits_from=6)
+    assert last_B1V.shape == (2, 1, args.vocab_size)
+    torch.testing.assert_close(last_B1V, full_BTV[:, -1:], rtol=0, atol=0)
+    cache = KVCache(max_seq_len=16)
+    step_B1V = model(ids_BT, 0, cache, logits_from=6)
+    torch.testing.assert_close(step_B1V, full_BTV[:, -1:], rtol=0, atol=0)
