@@ -131,6 +131,7 @@ class _MoEHooks:
         self.sp_is_split = sequence_sharded and n_ep > 1 and groups.layout.expert_dims == ("tp",)
         self.num_experts = moe.router.weight.shape[0]
         self.tokens_per_expert = torch.zeros(self.num_experts, dtype=torch.long)
+        self.record_routing = False  # set by ParallelModel.record_routing (validate only)
         routed = moe.routed
         moe.routed = lambda x_BTH: self.after_moe(routed(*self.before_moe(x_BTH)))
         moe.router.register_forward_hook(self.after_router)
@@ -167,10 +168,11 @@ class _MoEHooks:
         valid_T1 = self.state.valid_T[:, None]
         ids_TK = torch.where(valid_T1, ids_TK, 0)
         weights_TK = torch.where(valid_T1, weights_TK, 0)
-        counts = torch.bincount(ids_TK[valid_T1.expand_as(ids_TK)], minlength=self.num_experts)
-        if self.groups.ep is not None:
-            dist.all_reduce(counts, group=self.groups.ep)  # load statistics, no autograd
-        self.tokens_per_expert = counts.cpu()
+        if self.record_routing:  # validate's load statistics: a collective and a host sync
+            counts = torch.bincount(ids_TK[valid_T1.expand_as(ids_TK)], minlength=self.num_experts)
+            if self.groups.ep is not None:
+                dist.all_reduce(counts, group=self.groups.ep)  # no autograd
+            self.tokens_per_expert = counts.cpu()
         return ids_TK, weights_TK
 
     def before_experts(self, module, args):
@@ -223,6 +225,12 @@ class ParallelModel:
     groups: ParallelGroups
     grad_groups: list[tuple[nn.Parameter, C.Group]] = field(default_factory=list)
     moe_hooks: list[_MoEHooks] = field(default_factory=list)
+
+    def record_routing(self, on: bool = True) -> None:
+        """Count routed (token, expert) pairs per expert in every forward (`tokens_per_expert`).
+        Off by default: it costs an all-reduce and a host sync per MoE layer."""
+        for hooks in self.moe_hooks:
+            hooks.record_routing = on
 
     def finish_grads(self) -> None:
         """Sum the partial gradients of parameters that saw only part of the tokens or heads."""

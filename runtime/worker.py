@@ -145,6 +145,7 @@ def validate(
         ids_BT = f.get_tensor("input_ids")
         ref_logits = f.get_tensor("logits")
         ref_loss = f.get_tensor("loss")
+    pm.record_routing()  # the result reports tokens_per_expert
     logits_BTV = pm.model(ids_BT.to(device))
     loss = causal_lm_loss(logits_BTV, ids_BT.to(device))
     loss.backward()

@@ -392,3 +392,33 @@ def test_greedy_generation_matches_transformers(case, launches, sources, hf_mode
     assert result["output_ids"] == want, f"{case.id}: {result['output_ids']} != {want}"
     assert len(want) == MAX_NEW_TOKENS  # no early stop hides a difference after it
     assert result["text"] == _tokenizer(directory).decode(want, skip_special_tokens=True)
+
+
+def _routing_counts(rank: int, world: int, directory: str) -> tuple[int, int]:
+    from reshard.checkpoint import ShardedCheckpoint
+    from reshard.runtime.load import load_parallel_model
+
+    ckpt = ShardedCheckpoint(directory)
+    pm = load_parallel_model(ckpt, rank, device=torch.device("cpu"))
+    ids_BT = torch.arange(10)[None] % ckpt.manifest.config["vocab_size"]
+    with torch.no_grad():
+        pm.model(ids_BT)
+        off = sum(int(h.tokens_per_expert.sum()) for h in pm.moe_hooks)
+        pm.record_routing()
+        pm.model(ids_BT)
+        on = sum(int(h.tokens_per_expert.sum()) for h in pm.moe_hooks)
+    return off, on
+
+
+def test_routing_statistics_are_counted_only_when_asked(convert_tiny):
+    """Counting routed tokens costs an all-reduce and a host sync per MoE layer: generation
+    skips it, validate turns it on (and then every real (token, expert) pair counts once)."""
+    from helpers_dist import run_on_ranks
+
+    from reshard.checkpoint import ShardedCheckpoint
+
+    directory = convert_tiny("ep2")
+    ckpt = ShardedCheckpoint(directory)
+    k = ckpt.manifest.config["num_experts_per_tok"]
+    layers = sum(1 for name in ckpt.params if name.endswith("mlp.experts.gate_up_proj"))
+    assert run_on_ranks(_routing_counts, 2, str(directory)) == [(0, 10 * k * layers)] * 2
