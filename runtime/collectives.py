@@ -140,13 +140,25 @@ def copy_to(x: torch.Tensor, group: Group) -> torch.Tensor:
 
 
 def reduce_from(x: torch.Tensor, group: Group) -> torch.Tensor:
-    return x if group_size(group) == 1 else _ReduceFrom.apply(x, group)
+    if group_size(group) == 1:
+        return x
+    return _ReduceFrom.apply(x, group) if torch.is_grad_enabled() else _all_reduce_(x, group)
 
 
 def sum_over(x: torch.Tensor, group: Group) -> torch.Tensor:
     """A statistic summed over ranks that each go on to use it for their own part (the RMS of a
     projection split over tp): every rank's use feeds every rank's share, so both ways sum."""
-    return x if group_size(group) == 1 else _SumOver.apply(x, group)
+    if group_size(group) == 1:
+        return x
+    return _SumOver.apply(x, group) if torch.is_grad_enabled() else _all_reduce_(x, group)
+
+
+def _all_reduce_(x: torch.Tensor, group: Group) -> torch.Tensor:
+    """In place, without autograd (inference): every caller hands over a fresh result (a
+    row-parallel output, a masked embedding, a local statistic), so no copy is needed."""
+    x = x.contiguous()
+    dist.all_reduce(x, group=group)
+    return x
 
 
 def split_to(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
