@@ -513,16 +513,28 @@ def _check_files(ckpt):
     help="With an HF source, or a sharded one of another layout: convert (or reshard) to this "
     "layout first, cached. " + LAYOUT_HELP,
 )
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option(
+    "--max-new-tokens",
+    type=click.IntRange(min=1),
+    default=64,
+    show_default=True,
+    help="Stop after this many generated tokens (earlier at an end-of-sequence token); the "
+    "prompt plus these must fit the model's context.",
+)
 @click.option(
     "--temperature",
     type=click.FloatRange(min=0),
     default=0.0,
     show_default=True,
-    help="0 = greedy.",
+    help="Softmax temperature for sampling; 0 = greedy (the most likely token, deterministic).",
 )
 @click.option(
-    "--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=1.0, show_default=True
+    "--top-p",
+    type=click.FloatRange(min=0, max=1, min_open=True),
+    default=1.0,
+    show_default=True,
+    help="Nucleus sampling: draw from the smallest set of tokens holding this much probability. "
+    "Needs --temperature > 0.",
 )
 @click.option(
     "--seed", type=int, default=0, show_default=True, help="Sampling seed (same on every rank)."
@@ -572,6 +584,11 @@ def run(
     from reshard.runtime.text import TextCodec
     from reshard.runtime.worker import context_of
 
+    if top_p < 1 and temperature == 0:
+        raise ReshardError(
+            f"--top-p {top_p}: nucleus sampling needs --temperature > 0 "
+            "(with --temperature 0, decoding is greedy and top-p would be ignored)"
+        )
     ckpt = _checkpoint(src, layout, quiet)
     # Refused here, in one line, before any rank starts (each rank checks again).
     TextCodec(ckpt.directory).encode_prompt(

@@ -242,3 +242,9 @@ def test_a_rank_killed_mid_run_stops_the_others_and_is_named(convert_tiny):
     assert_one_clear_error(result, "rank 1 died (SIGKILL) during run", "other ranks were stopped")
     assert took < 30, f"the other rank took {took:.0f}s to stop (collective timeout 30s)"
     print(f"rank 1 killed; the command ended {took:.1f}s later")
+
+
+def test_top_p_without_a_temperature_is_refused(convert_tiny):
+    result = reshard("run", str(convert_tiny("tp2")), "--prompt", "Hi", "--top-p", "0.9")
+    error = one_error_line(result.returncode, result.stderr, "--top-p 0.9", "--temperature > 0")
+    assert "greedy" in error
