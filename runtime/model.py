@@ -241,6 +241,10 @@ class Attention(nn.Module):
             out_BNTD = F.scaled_dot_product_attention(
                 q_BNTD, k_BGSD, v_BGSD, is_causal=True, enable_gqa=True
             )
+        elif T == 1:
+            # One decode step: the newest query sees every key, so no mask (an all-True one
+            # would keep SDPA off its fast kernels).
+            out_BNTD = F.scaled_dot_product_attention(q_BNTD, k_BGSD, v_BGSD, enable_gqa=True)
         else:
             # With a cache, query t sits at absolute position S - T + t and may see
             # keys up to it; SDPA's is_causal aligns top-left, which is wrong here.
