@@ -25,21 +25,22 @@ def sample_next(
 ) -> torch.Tensor:
     """Pick the next token per row: argmax when ``temperature == 0``, else nucleus sampling.
 
-    Sampling runs on CPU with a CPU generator so that every rank holding the
-    same logits and seed draws the same token, whatever its device.
+    Runs on the logits' device (no copy of [B, V] probabilities to the host per step), with
+    ``generator`` on that device. Ranks of one device type with the same logits and seed draw
+    the same token; a parallel run also broadcasts rank 0's choice (``generate(sync=...)``).
 
     Returns:
         ``[B]`` int64 token ids on the device of ``logits_BV``.
     """
     if temperature == 0.0:
         return logits_BV.argmax(dim=-1)
-    probs_BV = torch.softmax(logits_BV.float().cpu() / temperature, dim=-1)
+    probs_BV = torch.softmax(logits_BV.float() / temperature, dim=-1)
     sorted_BV, order_BV = probs_BV.sort(dim=-1, descending=True)
     # Keep the smallest prefix whose mass reaches top_p; the top token always stays.
     mass_before_BV = sorted_BV.cumsum(dim=-1) - sorted_BV
     sorted_BV = sorted_BV.masked_fill(mass_before_BV >= top_p, 0.0)
     pick_B1 = torch.multinomial(sorted_BV, 1, generator=generator)
-    return order_BV.gather(-1, pick_B1)[:, 0].to(logits_BV.device)
+    return order_BV.gather(-1, pick_B1)[:, 0]
 
 
 @torch.no_grad()
@@ -80,7 +81,8 @@ def generate(
     """
     if temperature < 0 or not 0 < top_p <= 1:
         raise ValueError(f"temperature ({temperature}) must be >= 0 and top_p ({top_p}) in (0, 1]")
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    device = prompt_ids_BT.device
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     eos = torch.tensor(list(eos_token_ids), dtype=torch.long, device=prompt_ids_BT.device)
     tokens = [prompt_ids_BT]
     finished_B = torch.zeros(prompt_ids_BT.shape[0], dtype=torch.bool, device=prompt_ids_BT.device)
