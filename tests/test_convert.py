@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers_files import count_hashing
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -413,14 +414,7 @@ def test_a_noop_rerun_hashes_nothing_and_a_touched_file_is_hashed_again(tmp_path
     out = tmp_path / "out"
     args = ("convert", "--src", src, "--layout", "ep2", "--out", out, "-q")
     run(*args)
-    hashed: list[str] = []
-
-    def counting(path, *a, **k):
-        hashed.append(Path(path).name)
-        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-    monkeypatch.setattr(reshard.convert, "sha256_file", counting)
-    monkeypatch.setattr(reshard.hash_cache, "sha256_file", counting)
+    hashed = count_hashing(monkeypatch, reshard.convert, reshard.hash_cache)
     run(*args)
     assert hashed == []
     rank0, rank1 = out / "rank-00000-of-00002.safetensors", out / "rank-00001-of-00002.safetensors"

@@ -162,22 +162,27 @@ OP_CASES = {
 
 
 def _from_segments(t, box) -> torch.Tensor:
-    """The box as the engine writes it: every segment's bytes, one after the other (a file
-    span read with plain file I/O, a tensor as its bytes)."""
-    data = bytearray()
-    for segment in t.segments(box):
-        if isinstance(segment, FileSpan):
-            with open(segment.path, "rb") as f:
-                f.seek(segment.offset)
-                data += f.read(segment.nbytes)
-        else:
-            data += segment.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+    """The box as the engine writes it: every segment's bytes, one after the other."""
+    data = _segment_bytes(t.segments(box))
     shape = [b - a for a, b in box]
     return (
         torch.frombuffer(data, dtype=t.dtype).view(shape)
         if data
         else torch.empty(shape, dtype=t.dtype)
     )
+
+
+def _segment_bytes(segments) -> bytearray:
+    """Segments' bytes in order: a file span read with plain file I/O, a tensor as its bytes."""
+    data = bytearray()
+    for segment in segments:
+        if isinstance(segment, FileSpan):
+            with open(segment.path, "rb") as f:
+                f.seek(segment.offset)
+                data += f.read(segment.nbytes)
+        else:
+            data += segment.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+    return data
 
 
 @pytest.mark.parametrize("min_span", [0, None], ids=["spans", "default"])
@@ -268,14 +273,7 @@ def test_selection_segments_and_chunks_are_the_local_tensor(
             [[(0, 2), (3, 4)], [(0, 16)], [(0, 3)]],
         ):
             want = read_selection(t, selection)
-            data = bytearray()
-            for segment in selection_segments(t, selection, chunk):
-                if isinstance(segment, FileSpan):
-                    with open(segment.path, "rb") as f:
-                        f.seek(segment.offset)
-                        data += f.read(segment.nbytes)
-                else:
-                    data += segment.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+            data = _segment_bytes(selection_segments(t, selection, chunk))
             got = torch.frombuffer(data, dtype=t.dtype).view(want.shape)
             assert_bit_equal(got, want, f"segments {selection}")
             chunks = torch.cat([c.reshape(-1) for c in selection_chunks(t, selection, chunk)])

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers_cli import reshard_cmd
+from helpers_files import count_hashing
 from safetensors.torch import load_file, save_file
 
 from reshard.checkpoint import ShardedCheckpoint
@@ -101,8 +102,6 @@ def test_a_rank_file_is_hashed_once_and_its_hash_recorded(tmp_path, monkeypatch)
     """Integrity off the load's critical path: convert records each rank file's hash from its
     writer, so loading after converting reads nothing extra; a changed file is hashed again
     (and refused when damaged); `reshard verify` always reads."""
-    import hashlib
-
     import reshard.checkpoint
     import reshard.hash_cache
     from reshard.convert import convert, make_plan
@@ -113,14 +112,7 @@ def test_a_rank_file_is_hashed_once_and_its_hash_recorded(tmp_path, monkeypatch)
 
     out = tmp_path / "ep2"
     convert(make_plan(open_source("tiny:qwen3_moe"), Layout.parse("ep2")), out, progress=False)
-    hashed: list[str] = []
-
-    def counting(path, *a, **k):
-        hashed.append(Path(path).name)
-        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-    monkeypatch.setattr(reshard.hash_cache, "sha256_file", counting)
-    monkeypatch.setattr(reshard.checkpoint, "sha256_file", counting)
+    hashed = count_hashing(monkeypatch, reshard.hash_cache, reshard.checkpoint)
     rank1 = out / "rank-00001-of-00002.safetensors"
     for rank in (0, 1, 0):
         load_local_tensors(out, rank=rank)
