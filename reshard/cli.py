@@ -66,8 +66,8 @@ def cli() -> None:
     "--workers",
     type=click.IntRange(min=1),
     default=None,
-    help="Threads reading, writing and hashing (default: one per core; about half as many "
-    "files are written at once).",
+    help="Threads reading and writing (default: one per core); as many rank files as this, "
+    "at most 8, are written at once, each hashed by its own thread.",
 )
 @click.option(
     "--overwrite",
