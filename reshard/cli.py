@@ -544,7 +544,9 @@ def _check_files(ckpt):
     "--json",
     "as_json",
     is_flag=True,
-    help="Print one JSON object: prompt_ids, output_ids, text, tokens_per_s.",
+    help="Print one JSON object: prompt_ids, output_ids, text, tokens_per_s (overall), "
+    "prefill_tokens_per_s (prompt tokens / time to the first new token) and "
+    "decode_tokens_per_s (the other new tokens / their time).",
 )
 @device_option
 @timeout_option

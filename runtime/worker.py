@@ -76,11 +76,16 @@ def run(args: argparse.Namespace, ckpt: ShardedCheckpoint, rank: int, device: to
         # Only the last position's logits: the next token needs no others.
         return pm.model(ids_BT.to(device), start_pos, cache, logits_from=ids_BT.shape[1] - 1)
 
+    prefill_done: list[float] = []
+
     def agree(next_B: torch.Tensor) -> torch.Tensor:
         # Logits are bitwise equal on every rank, so tokens are too; broadcasting rank 0's
         # choice makes that a guarantee rather than an assumption.
         next_B = next_B.to(device)
         dist.broadcast(next_B, src=0)
+        if not prefill_done:  # the first token ends the prefill: time it once
+            _synchronize(device)
+            prefill_done.append(time.perf_counter())
         return next_B
 
     prompt_BT = torch.tensor([prompt_ids], device=device)
@@ -96,15 +101,22 @@ def run(args: argparse.Namespace, ckpt: ShardedCheckpoint, rank: int, device: to
         sync=agree,
         on_token=on_token if stream is not None else None,  # no host sync on other ranks
     )
+    _synchronize(device)
     elapsed = time.perf_counter() - start
+    prefill_s = prefill_done[0] - start
     output_ids = out_BT[0, len(prompt_ids) :].tolist()
     if rank == 0:
         if args.json:
+            decoded = len(output_ids) - 1  # tokens after the first, which the prefill gave
             result = {
                 "prompt_ids": prompt_ids,
                 "output_ids": output_ids,
                 "text": codec.decode(output_ids),
                 "tokens_per_s": round(len(output_ids) / elapsed, 3),
+                "prefill_tokens_per_s": round(len(prompt_ids) / prefill_s, 3),
+                "decode_tokens_per_s": round(decoded / (elapsed - prefill_s), 3)
+                if decoded
+                else None,
                 "layout": ckpt.layout.name,
                 "world_size": ckpt.layout.world_size,
             }
@@ -115,6 +127,12 @@ def run(args: argparse.Namespace, ckpt: ShardedCheckpoint, rank: int, device: to
                 f"reshard: {len(output_ids)} tokens, {len(output_ids) / elapsed:.1f} tokens/s on {ckpt.layout.name}",
                 file=sys.stderr,
             )
+
+
+def _synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so a host clock reading means it is done."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def context_of(ckpt: ShardedCheckpoint) -> int:

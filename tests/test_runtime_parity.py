@@ -392,6 +392,7 @@ def test_greedy_generation_matches_transformers(case, launches, sources, hf_mode
     assert result["output_ids"] == want, f"{case.id}: {result['output_ids']} != {want}"
     assert len(want) == MAX_NEW_TOKENS  # no early stop hides a difference after it
     assert result["text"] == _tokenizer(directory).decode(want, skip_special_tokens=True)
+    assert result["prefill_tokens_per_s"] > 0 and result["decode_tokens_per_s"] > 0
 
 
 def _routing_counts(rank: int, world: int, directory: str) -> tuple[int, int]:
