@@ -169,7 +169,7 @@ class SliceReader:
 
     def read(self, path: str, name: str, box: Box, *, tensor: SourceTensor) -> torch.Tensor:
         """Read `box` of stored tensor `tensor`: one read covering it, then the box's elements."""
-        strides = _row_major_strides(tensor.shape)
+        strides = row_major_strides(tensor.shape)
         first = sum(a * s for (a, _), s in zip(box, strides))
         last = sum((b - 1) * s for (_, b), s in zip(box, strides))
         shape = [b - a for a, b in box]
@@ -208,7 +208,8 @@ class SliceReader:
         return span
 
 
-def _row_major_strides(shape: Sequence[int]) -> list[int]:
+def row_major_strides(shape: Sequence[int]) -> list[int]:
+    """Elements between neighbours along each dim of a contiguous tensor of `shape`."""
     strides, n = [], 1
     for s in reversed(shape):
         strides.append(n)
@@ -251,7 +252,7 @@ class SourceTensor(LazyTensor):
         """The box as file spans, one per contiguous run, when the runs are long enough."""
         if any(a >= b for a, b in box):
             return
-        shape, strides = self.shape, _row_major_strides(self.shape)
+        shape, strides = self.shape, row_major_strides(self.shape)
         item = torch.empty((), dtype=self.dtype).element_size()
         # k: the last dim the box does not cover whole; a run spans dims k.. in full.
         k = max((d for d, (a, b) in enumerate(box) if (a, b) != (0, shape[d])), default=0)

@@ -103,13 +103,12 @@ class ShardedCheckpoint:
                 raise CheckpointError(
                     f"{path}: {size} bytes, manifest says {entry.bytes} (truncated?)"
                 )
-            digest = None
             if hash:
                 digest = cached_sha256([path])[path] if recorded else sha256_file(path)
-            if hash and digest != entry.sha256:
-                raise CheckpointError(
-                    f"{path}: sha256 does not match the manifest (corrupt or replaced file)"
-                )
+                if digest != entry.sha256:
+                    raise CheckpointError(
+                        f"{path}: sha256 does not match the manifest (corrupt or replaced file)"
+                    )
             part = f"{k}/{len(files)}" if len(files) > 1 else None
             self._check_own_header(rank, path, part, entry.tensors or list(self.params))
 

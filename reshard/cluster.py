@@ -83,8 +83,8 @@ class Exchange:
     def gather(self, entries: list[RankEntry], error: str | None) -> list[RankEntry]:
         """Every process's entries, on every process; raise if any process failed."""
         blob = json.dumps({"entries": [asdict(e) for e in entries], "error": error})
-        everyone = self._all_gather(blob.encode())
-        failed = [(p, d["error"]) for p, d in enumerate(map(json.loads, everyone)) if d["error"]]
+        everyone = [json.loads(b) for b in self._all_gather(blob.encode())]
+        failed = [(p, d["error"]) for p, d in enumerate(everyone) if d["error"]]
         if failed:
             process, why = failed[0]
             raise ReshardError(f"torchrun process {process} failed: {why}")
@@ -92,7 +92,7 @@ class Exchange:
             RankEntry(
                 rank=e["rank"], coords=e["coords"], files=[FileEntry(**f) for f in e["files"]]
             )
-            for d in map(json.loads, everyone)
+            for d in everyone
             for e in d["entries"]
         ]
 
@@ -106,6 +106,8 @@ class Exchange:
     def _all_gather(self, data: bytes) -> list[bytes]:
         import torch
 
+        from reshard.writer import tensor_bytes
+
         n = torch.tensor([len(data)])
         sizes = [torch.zeros_like(n) for _ in range(self.dist.get_world_size())]
         self.dist.all_gather(sizes, n)
@@ -114,4 +116,4 @@ class Exchange:
         mine[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         out = [torch.zeros_like(mine) for _ in sizes]
         self.dist.all_gather(out, mine)
-        return [bytes(t[: int(s)].tolist()) for t, s in zip(out, sizes)]
+        return [bytes(tensor_bytes(t[: int(s)])) for t, s in zip(out, sizes)]

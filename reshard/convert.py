@@ -395,9 +395,11 @@ def _check_out(out: Path, layout: Layout, overwrite: bool) -> None:
             )
 
 
-def _remove_stale(out: Path, world: int, keep: set[str]) -> None:
+def _remove_stale(out: Path, plan: ConversionPlan) -> None:
     """Rank files and records of another world size or split (an earlier run): they would be
     mistaken for ours."""
+    world = plan.layout.world_size
+    keep = {f for r in range(world) for f, _ in plan.rank_parts(r)}
     for stale in out.glob("rank-*-of-*.safetensors"):
         if stale.name not in keep:
             stale.unlink()
@@ -489,12 +491,11 @@ def _write_mine(
     """Under the lock: write the ranks in `mine` that are not finished already; their entries."""
     from tqdm.auto import tqdm
 
-    world = plan.layout.world_size
     _remove_temp_files(out, names if part else None)  # of killed runs
     # Until the new manifest is written, the directory must not look finished.
     (out / MANIFEST).unlink(missing_ok=True)
     if part is None:
-        _remove_stale(out, world, {f for r in range(world) for f, _ in plan.rank_parts(r)})
+        _remove_stale(out, plan)
     if part is None or part.local == 0:
         # The manifest records the source's sha256s; they are computed beside the conversion
         # (resume fingerprints use stat stamps), not before it.
@@ -527,7 +528,7 @@ def write_manifest(plan: ConversionPlan, out: Path, done: dict[int, RankEntry]) 
     from reshard.modelcard import model_card
 
     world = plan.layout.world_size
-    _remove_stale(out, world, {f for r in range(world) for f, _ in plan.rank_parts(r)})
+    _remove_stale(out, plan)
     for f in plan.source.side_files():
         atomic_write_bytes(out / f.name, f.read_bytes())
     manifest = Manifest(

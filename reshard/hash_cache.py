@@ -39,6 +39,14 @@ def _load() -> dict:
         return {}  # no cache yet, or a damaged one: hash again
 
 
+def _save(cache: dict) -> None:
+    try:
+        _cache_file().parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(_cache_file(), json.dumps(cache))
+    except OSError:
+        pass  # a read-only cache only costs time
+
+
 def cached_sha256(paths: list[Path]) -> dict[Path, str]:
     """sha256 of each of `paths`, from the cache where the file is unchanged since; the others
     are hashed in parallel threads (hashlib releases the GIL), one file per thread."""
@@ -59,20 +67,15 @@ def cached_sha256(paths: list[Path]) -> dict[Path, str]:
             misses.append((path, key, before))
     if not misses:
         return out
-    threads = min(
-        len(misses), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
-    )
-    with ThreadPoolExecutor(max(1, threads)) as pool:
+    from reshard.engine import default_workers
+
+    with ThreadPoolExecutor(min(len(misses), default_workers())) as pool:
         hashed = list(pool.map(lambda m: sha256_file(m[0]), misses))
     for (path, key, before), digest in zip(misses, hashed):
         out[path] = digest
         if stamp(path) == before:  # not rewritten while we read it
             cache[key] = {"stamp": before, "sha256": digest}
-    try:
-        _cache_file().parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(_cache_file(), json.dumps(cache))
-    except OSError:
-        pass  # a read-only cache only costs time
+    _save(cache)
     return out
 
 
@@ -81,8 +84,4 @@ def remember(paths: dict[Path, str]) -> None:
     cache = _load()
     for path, digest in paths.items():
         cache[os.path.realpath(path)] = {"stamp": stamp(path), "sha256": digest}
-    try:
-        _cache_file().parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(_cache_file(), json.dumps(cache))
-    except OSError:
-        pass  # a read-only cache only costs time
+    _save(cache)

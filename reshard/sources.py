@@ -76,10 +76,9 @@ class Source:
         if self._hashes is None:
             from reshard.hash_cache import cached_sha256
 
-            blobs = {f: f.resolve().name for f in self.files}
-            local = [f for f, blob in blobs.items() if not re.fullmatch(r"[0-9a-f]{64}", blob)]
-            hashed = cached_sha256(local)  # remembered while each file is unchanged
-            self._hashes = {f.name: hashed.get(f, blobs[f]) for f in self.files}
+            blobs = {f: _blob_sha256(f) for f in self.files}
+            hashed = cached_sha256([f for f, sha in blobs.items() if sha is None])
+            self._hashes = {f.name: blobs[f] or hashed[f] for f in self.files}
         return self._hashes
 
     def file_ids(self) -> dict[str, object]:
@@ -90,11 +89,7 @@ class Source:
 
         if self._hashes is not None and self._preset:
             return dict(self._hashes)
-        ids: dict[str, object] = {}
-        for f in self.files:
-            blob = f.resolve().name
-            ids[f.name] = blob if re.fullmatch(r"[0-9a-f]{64}", blob) else stamp(f)
-        return ids
+        return {f.name: _blob_sha256(f) or stamp(f) for f in self.files}
 
     def describe(self) -> dict:
         return {
@@ -103,6 +98,12 @@ class Source:
             "revision": self.revision,
             "files": self.file_hashes(),
         }
+
+
+def _blob_sha256(path: Path) -> str | None:
+    """The sha256 a Hub-cache file is named by (its blob, behind the snapshot's symlink)."""
+    blob = path.resolve().name
+    return blob if re.fullmatch(r"[0-9a-f]{64}", blob) else None
 
 
 def _read_json(path: Path) -> dict:

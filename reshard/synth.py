@@ -26,7 +26,7 @@ import torch
 
 from reshard.architecture import param_shapes
 from reshard.converters import get_spec
-from reshard.converters.lazy import LazyTensor
+from reshard.converters.lazy import LazyTensor, row_major_strides
 from reshard.errors import ReshardError
 from reshard.export import natural_order, write_hf_weights
 from reshard.writer import atomic_write_text
@@ -152,7 +152,7 @@ def _values(pool: torch.Tensor, name: str, shape: tuple[int, ...], box) -> torch
     extents = [b - a for a, b in box]
     if len(shape) == 1 or 0 in extents:
         return torch.ones(extents, dtype=pool.dtype)
-    strides = [math.prod(shape[d + 1 :]) for d in range(len(shape))]
+    strides = row_major_strides(shape)
     first = sum(a * s for (a, _), s in zip(box, strides))
     n = sum((b - 1) * s for (_, b), s in zip(box, strides)) + 1 - first
     pieces, at = [], (zlib.crc32(name.encode()) + first) % pool.numel()

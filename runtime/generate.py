@@ -81,8 +81,7 @@ def generate(
     """
     if temperature < 0 or not 0 < top_p <= 1:
         raise ValueError(f"temperature ({temperature}) must be >= 0 and top_p ({top_p}) in (0, 1]")
-    device = prompt_ids_BT.device
-    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    generator = None  # made on the logits' device, once the first logits show which it is
     eos = torch.tensor(list(eos_token_ids), dtype=torch.long, device=prompt_ids_BT.device)
     tokens = [prompt_ids_BT]
     finished_B = torch.zeros(prompt_ids_BT.shape[0], dtype=torch.bool, device=prompt_ids_BT.device)
@@ -91,6 +90,8 @@ def generate(
     streamed: list[int] = []
     for _ in range(max_new_tokens):
         logits_BV = step(input_ids_BT, start_pos)[:, -1]
+        if generator is None and seed is not None:
+            generator = torch.Generator(device=logits_BV.device).manual_seed(seed)
         next_B = sample_next(logits_BV, temperature=temperature, top_p=top_p, generator=generator)
         if sync is not None:
             next_B = sync(next_B)
