@@ -56,9 +56,12 @@ config = json.loads((src / "config.json").read_text())
 state = {}
 for f in sorted(src.glob("*.safetensors")):
     state.update(load_file(str(f)))
+experts = config.get("num_experts") or config.get("n_routed_experts")
 for layer in range(config["num_hidden_layers"]):
     p = f"model.layers.{layer}.mlp.experts"
-    E = range(config["num_experts"])
+    if f"{p}.0.gate_proj.weight" not in state:
+        continue  # a dense layer
+    E = range(experts)
     gate = torch.stack([state.pop(f"{p}.{e}.gate_proj.weight") for e in E])
     up = torch.stack([state.pop(f"{p}.{e}.up_proj.weight") for e in E])
     state[f"{p}.gate_up_proj"] = torch.cat([gate, up], dim=1)
@@ -159,13 +162,13 @@ def write_checkpoint(directory: Path, s: Size, seed: int = 0) -> int:
     return total
 
 
-def largest_shard_bytes(src: Path, layout: str) -> int:
+def largest_shard_bytes(src: Path, layout: str, dtype: str = "keep") -> int:
     """Bytes of the largest single tensor any rank's file holds under `layout`."""
     from reshard.convert import make_plan
     from reshard.layout import Layout
     from reshard.sources import open_source
 
-    plan = make_plan(open_source(str(src)), Layout.parse(layout))
+    plan = make_plan(open_source(str(src)), Layout.parse(layout), dtype)
     return max(t.nbytes for r in range(plan.layout.world_size) for t in plan.rank_tensors(r))
 
 
@@ -235,10 +238,17 @@ def measure_naive(src: Path) -> Measured:
     return measure([sys.executable, "-c", NAIVE_LOAD, str(src)])
 
 
-def convert_command(src: Path, layout: str, out: Path) -> list[str]:
+def convert_command(src: Path, layout: str, out: Path, dtype: str = "keep") -> list[str]:
     """`reshard convert`, run with this interpreter (same code as the console script)."""
     cmd = [sys.executable, "-m", "reshard.cli", "convert", "--src", str(src)]
-    return cmd + ["--layout", layout, "--out", str(out), "--quiet"]
+    return cmd + ["--layout", layout, "--out", str(out), "--dtype", dtype, "--quiet"]
+
+
+def synth_checkpoint(src: Path, like: str, layers: int) -> int:
+    """`reshard synth --like LIKE --layers N` into `src`; its bytes."""
+    cmd = [sys.executable, "-m", "reshard.cli", "synth", "--like", like, "--layers", str(layers)]
+    subprocess.run(cmd + ["--out", str(src), "--quiet"], check=True)
+    return sum(f.stat().st_size for f in src.glob("*.safetensors"))
 
 
 def measure_convert(src: Path, layout: str, out: Path) -> Measured:
@@ -271,7 +281,11 @@ def main(argv: list[str] | None = None) -> int:
     model.add_argument("--heads", type=int, default=16, help="num_attention_heads")
     model.add_argument("--kv-heads", type=int, default=4, help="num_key_value_heads")
     model.add_argument("--head-dim", type=int, default=64, help="head_dim")
+    model.add_argument(
+        "--like", help="instead: `reshard synth --like LIKE --layers N` (e.g. deepseek-v3)"
+    )
     parser.add_argument("--layouts", default="ep4,ep2tp2,tp4", help="comma-separated layouts")
+    parser.add_argument("--dtype", default="keep", help="convert --dtype (e.g. bf16: dequantize)")
     parser.add_argument("--k", type=float, default=4.0, help="bound: peak - import <= k*shard + c")
     parser.add_argument("--constant-mb", type=float, default=64.0, help="c in the bound, MiB")
     parser.add_argument("--workdir", type=Path, help="parent of the scratch directory (tmp dir)")
@@ -295,7 +309,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         src = work / "src"
         t0 = time.perf_counter()
-        model_bytes = write_checkpoint(src, size)
+        if args.like:
+            model_bytes = synth_checkpoint(src, args.like, args.layers)
+        else:
+            model_bytes = write_checkpoint(src, size)
         print(
             f"wrote {_mb(model_bytes)} MiB checkpoint to {src} in {time.perf_counter() - t0:.1f}s",
             flush=True,
@@ -309,9 +326,10 @@ def main(argv: list[str] | None = None) -> int:
         ]
         ok = True
         for layout in layouts:
-            print(f"measuring: {' '.join(convert_command(src, layout, Path('OUT')))}", flush=True)
-            shard = largest_shard_bytes(src, layout)
-            m = measure(convert_command(src, layout, work / f"out-{layout}"))
+            cmd = convert_command(src, layout, work / f"out-{layout}", args.dtype)
+            print(f"measuring: {' '.join(cmd)}", flush=True)
+            shard = largest_shard_bytes(src, layout, args.dtype)
+            m = measure(cmd)
             holds = m.peak_rss - base.peak_rss <= args.k * shard + args.constant_mb * MiB
             ok &= holds
             rows.append([f"convert {layout}", model_bytes, shard, m, holds])

@@ -40,20 +40,44 @@ __all__ = [
 
 
 def _registry() -> dict[str, ModelSpec]:
-    from reshard.converters import glm4_moe, llama4_text, mixtral, olmoe, qwen2_moe, qwen3_moe
+    from reshard.converters import (
+        deepseek_v3,
+        glm4_moe,
+        gpt_oss,
+        llama4_text,
+        mixtral,
+        olmoe,
+        qwen2_moe,
+        qwen3_moe,
+    )
 
-    families = (qwen3_moe, qwen2_moe, mixtral, olmoe, glm4_moe, llama4_text)
+    families = (
+        qwen3_moe,
+        qwen2_moe,
+        mixtral,
+        olmoe,
+        glm4_moe,
+        llama4_text,
+        deepseek_v3,
+        gpt_oss,
+    )
     return {family.SPEC.model_type: family.SPEC for family in families}
 
 
+# model_types that name a family's architecture under another name. Kimi-K2 is DeepSeek-V3's
+# architecture; Moonshot renamed it in config.json so that engines can tell the two apart.
+ALIASES = {"kimi_k2": "deepseek_v3"}
+
+
 def supported_model_types() -> list[str]:
-    """The config `model_type`s reshard converts and runs."""
+    """The config `model_type`s reshard converts and runs (one per family; see ALIASES)."""
     return sorted(_registry())
 
 
 def get_spec(model_type: str) -> ModelSpec:
     """The spec for a config's `model_type`; raise ConversionError naming the known ones."""
     specs = _registry()
+    model_type = ALIASES.get(model_type, model_type)
     if model_type not in specs:
         nearest = difflib.get_close_matches(model_type, specs, n=1, cutoff=0.5)
         hint = f" (nearest: {nearest[0]})" if nearest else ""

@@ -5,7 +5,7 @@ transformers groups its ~30 MoE model types into two checkpoint shapes, and so d
 
 | shape          | per-expert source tensors                          | families                      |
 | -------------- | -------------------------------------------------- | ----------------------------- |
-| gate/up/down   | `mlp.experts.N.{gate,up,down}_proj.weight`         | qwen2_moe, qwen3_moe, olmoe, glm4_moe |
+| gate/up/down   | `mlp.experts.N.{gate,up,down}_proj.weight`         | qwen2_moe, qwen3_moe, olmoe, glm4_moe, deepseek_v3 |
 | w1/w3/w2       | `block_sparse_moe.experts.N.{w1,w3,w2}.weight`     | mixtral                       |
 
 Both become the fused transformers v5 parameters `mlp.experts.gate_up_proj [E, 2I, H]`
@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from reshard.architecture import YaRN
 from reshard.converters.ops import Concatenate, MergeModulelist
 from reshard.converters.spec import WeightConverter, WeightRenaming
 
@@ -131,17 +132,50 @@ def first(cfg: Mapping[str, Any], *keys: str, default: Any = None) -> Any:
     return default
 
 
+# RoPE types the runtime implements; any other is refused, not ignored.
+ROPE_TYPES = ("default", "yarn")
+
+
 def rope(cfg: Mapping[str, Any], head_dim: int) -> dict[str, Any]:
-    """rope_theta and rotary_dim; scaled RoPE variants are refused, not ignored."""
+    """rope_theta, rotary_dim and YaRN scaling; other scaled RoPE variants are refused."""
     params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
     kind = params.get("rope_type", params.get("type", "default"))
-    if kind != "default":
-        raise ValueError(f"rope_type {kind!r} is not supported; only 'default' RoPE is")
+    if kind not in ROPE_TYPES:
+        field = "rope_parameters" if cfg.get("rope_parameters") else "rope_scaling"
+        raise ValueError(
+            f"{field}.rope_type {kind!r} is not supported; supported: {', '.join(ROPE_TYPES)}"
+        )
     factor = params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
     return {
         "rope_theta": cfg.get("rope_theta") or params.get("rope_theta", 10000.0),
         "rotary_dim": int(head_dim * factor),
+        "yarn": yarn(cfg, params) if kind == "yarn" else None,
     }
+
+
+def yarn(cfg: Mapping[str, Any], params: Mapping[str, Any]) -> YaRN:
+    """YaRN's fields, with transformers' defaults: the original context from the config's top
+    level (Phi-3 keeps it there; transformers lets it win), else the params, else
+    max_position_embeddings; factor, if absent, the ratio of the two; beta_fast / beta_slow
+    32 / 1 when absent or zero."""
+    original = (
+        cfg.get("original_max_position_embeddings")
+        or params.get("original_max_position_embeddings")
+        or cfg.get("max_position_embeddings")
+    )
+    if original is None:
+        raise ValueError("YaRN rope scaling lacks original_max_position_embeddings")
+    factor = params.get("factor") or cfg.get("max_position_embeddings", original) / original
+    return YaRN(
+        factor=float(factor),
+        original_max_position_embeddings=int(original),
+        beta_fast=float(params.get("beta_fast") or 32.0),
+        beta_slow=float(params.get("beta_slow") or 1.0),
+        mscale=params.get("mscale"),
+        mscale_all_dim=params.get("mscale_all_dim"),
+        attention_factor=params.get("attention_factor"),
+        truncate=bool(params.get("truncate", True)),
+    )
 
 
 def refuse(cfg: Mapping[str, Any], **supported: Any) -> None:

@@ -565,6 +565,55 @@ class Cast(LazyTensor):
         return self.child.read(box).to(self.dtype)
 
 
+class Dequant(LazyTensor):
+    """A block-scaled FP8 weight in `dtype`: `weight[i] * scale[i // blocks]`, per dim.
+
+    `blocks[d]` is how many consecutive indices of dim d share one scale entry (1 for
+    leading dims such as experts); the scale has `ceil(size / block)` entries per dim, so
+    a last, partial block has a scale of its own. A box is pushed down as the same box
+    of the weight and the covering box of the scale: a rank reads only its blocks. The
+    product is taken in fp32 and then cast, as transformers' `Fp8Dequantize` does, so the
+    two agree bit for bit.
+    """
+
+    def __init__(
+        self, weight: LazyTensor, scale: LazyTensor, blocks: Sequence[int], dtype: torch.dtype
+    ):
+        want = tuple(-(-s // b) for s, b in zip(weight.shape, blocks))
+        if len(blocks) != weight.ndim or tuple(scale.shape) != want:
+            raise SourceError(
+                f"scale {list(scale.shape)} does not cover weight {list(weight.shape)} in blocks "
+                f"{list(blocks)} (expected {list(want)})"
+            )
+        self.weight, self.scale, self.blocks = weight, scale, tuple(blocks)
+        self.shape, self.dtype = weight.shape, dtype
+
+    def children(self) -> Sequence[LazyTensor]:
+        return (self.weight, self.scale)
+
+    def read(self, box: Box) -> torch.Tensor:
+        w = self.weight.read(box)
+        if w.numel() == 0:
+            return torch.empty(w.shape, dtype=self.dtype)
+        covering = tuple((a // b, -(-e // b)) for (a, e), b in zip(box, self.blocks))
+        s = self.scale.read(covering).float()
+        # Multiply in place through a view of whole blocks where the box is block-aligned
+        # (one scale broadcast over each block), expanding the scale only along dims where
+        # it is not: a weight-sized fp32 temporary once, not three times.
+        out_view, scale_view = [], []
+        for d, ((a, e), b, (c, _)) in enumerate(zip(box, self.blocks, covering)):
+            if a % b == 0 and (e - a) % b == 0:
+                out_view += [(e - a) // b, b]
+                scale_view += [(e - a) // b, 1]
+            else:  # one scale per block -> one per index, then the box's own indices
+                s = s.repeat_interleave(b, dim=d).narrow(d, a - c * b, e - a)
+                out_view += [1, e - a]
+                scale_view += [1, e - a]
+        out = w.float()
+        out.view(out_view).mul_(s.reshape(scale_view))
+        return out.to(self.dtype)
+
+
 def read_selection(tensor: LazyTensor, selection: Selection) -> torch.Tensor:
     """Read the product of per-dim index ranges (a strided shard is several boxes).
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from reshard.architecture import ModelArgs, param_shapes
+from reshard.converters import fp8
 from reshard.converters.lazy import LazyTensor
 from reshard.converters.ops import ConversionOp
 from reshard.errors import ConversionError
@@ -34,10 +35,10 @@ from reshard.errors import ConversionError
 # Tensors of checkpoint formats reshard does not convert yet, named for what they are, so a
 # user learns "FP8" rather than "source keys no converter maps".
 UNSUPPORTED_TENSORS = {
-    "*.weight_scale_inv": "FP8 block-scaled weights (weight_scale_inv) are not supported yet",
     "*.weight_scale": "quantized weights with per-tensor scales (weight_scale) are not supported yet",
     "*.input_scale": "FP8 activation scales (input_scale) are not supported yet",
-    "*_blocks": "MXFP4 weights (*_blocks, *_scales) are not supported yet",
+    # make_plan reads MXFP4 checkpoints (converters.mxfp4.unpacked) before they reach here
+    "*_blocks": "MXFP4 weights (*_blocks, *_scales) are read only through converters.mxfp4",
     "*.qweight": "GPTQ/AWQ quantized weights (qweight) are not supported yet",
 }
 
@@ -245,7 +246,7 @@ class ModelSpec:
         expected = self.target_shapes(args)
         members = args.num_experts or None
         targets, used = {}, set()
-        for converter in self.converters:
+        for converter in self._with_scales():
             rest = {k: v for k, v in tensors.items() if k not in used}
             produced, consumed = converter.convert(rest, members)
             targets.update(produced)
@@ -253,7 +254,7 @@ class ModelSpec:
         for key, tensor in tensors.items():
             if key in used:
                 continue
-            if key not in expected:
+            if key not in expected and fp8.weight_of(key) not in expected:
                 continue  # reported below as unmapped
             targets[key] = tensor
             used.add(key)
@@ -267,7 +268,7 @@ class ModelSpec:
             raise ConversionError(
                 f"{self.model_type}: the source has no tensors for: {_listing(missing)}"
             )
-        extra = [k for k in targets if k not in expected]
+        extra = [k for k in targets if k not in expected and fp8.weight_of(k) not in expected]
         if extra:
             raise ConversionError(
                 f"{self.model_type}: converters made unexpected tensors: {_listing(extra)}"
@@ -277,12 +278,19 @@ class ModelSpec:
                 raise ConversionError(
                     f"{name}: shape {list(targets[name].shape)} from the source, the config says {list(shape)}"
                 )
-        return {name: targets[name] for name in expected}
+        # Model order, each FP8 scale (converted by its weight's converter) after its weight.
+        return {
+            n: targets[n] for name in expected for n in (name, name + fp8.SCALE) if n in targets
+        }
+
+    def _with_scales(self) -> tuple[WeightConverter, ...]:
+        """The converters, and for FP8 checkpoints their twins that carry the scales alike."""
+        return self.converters + fp8.scale_converters(self.converters)
 
     def to_sources(self, targets: Mapping[str, LazyTensor]) -> dict[str, LazyTensor]:
         """Target tensors back to HF names: every converter read backwards."""
         tensors, used = {}, set()
-        for converter in self.converters:
+        for converter in self._with_scales():
             produced, consumed = converter.reversed().convert(
                 {k: v for k, v in targets.items() if k not in used}
             )

@@ -262,7 +262,9 @@ def export(directory: Path, out: Path, max_shard_size: str, quiet: bool) -> None
 @click.option(
     "--like",
     required=True,
-    type=click.Choice(["qwen3-30b-a3b", "qwen3-235b-a22b", "mixtral-8x7b"]),  # synth.PRESETS
+    type=click.Choice(
+        ["qwen3-30b-a3b", "qwen3-30b-a3b-fp8", "qwen3-235b-a22b", "mixtral-8x7b", "deepseek-v3"]
+    ),  # synth.PRESETS
     help="The model whose tensor names, shapes, config and shard files to reproduce.",
 )
 @click.option(
@@ -288,6 +290,7 @@ def synth(like: str, layers: int | None, dtype: str, seed: int, out: Path, quiet
     Examples:
       reshard synth --like qwen3-30b-a3b --layers 4 --out q3-4l
       reshard synth --like mixtral-8x7b --layers 2 --out mx-2l --dtype fp32
+      reshard synth --like deepseek-v3 --layers 4 --out ds3-4l   # FP8, as released
     """
     from tqdm.auto import tqdm
 
@@ -506,7 +509,35 @@ def _check_files(ckpt):
 
 @cli.command()
 @click.argument("src")
-@click.option("--prompt", required=True, help="Text to continue.")
+@click.option("--prompt", help="Text to continue.")
+@click.option(
+    "--prompt-file",
+    type=click.Path(path_type=Path),
+    help='Prompts to continue: one per line, or JSONL ({"prompt": ...} per line, when the '
+    "name ends in .jsonl). Each completion is printed after the batch.",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="With --prompt-file: prompts generated together (left-padded to the longest; each row "
+    "stops at its own end-of-sequence token).",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["auto", "bf16", "fp16", "fp32"]),
+    default="auto",
+    show_default=True,
+    help="Compute dtype: auto keeps the checkpoint's.",
+)
+@click.option(
+    "--compile",
+    "compile_",
+    is_flag=True,
+    help="torch.compile the decode step before it is captured as a CUDA graph: faster decode "
+    "(fused kernels), after tens of seconds of compiling per batch size. CUDA, one rank, bf16.",
+)
 @click.option(
     "--layout",
     metavar="LAYOUT",
@@ -544,9 +575,9 @@ def _check_files(ckpt):
     "--json",
     "as_json",
     is_flag=True,
-    help="Print one JSON object: prompt_ids, output_ids, text, tokens_per_s (overall), "
-    "prefill_tokens_per_s (prompt tokens / time to the first new token) and "
-    "decode_tokens_per_s (the other new tokens / their time).",
+    help="Print one JSON object: prompt_ids, output_ids, text (with --prompt-file: outputs, a "
+    "list of them per prompt), tokens_per_s (overall), prefill_tokens_per_s (prompt tokens / "
+    "time to the first new token) and decode_tokens_per_s (the other new tokens / their time).",
 )
 @device_option
 @timeout_option
@@ -555,6 +586,10 @@ def _check_files(ckpt):
 def run(
     src,
     prompt,
+    prompt_file,
+    batch_size,
+    dtype,
+    compile_,
     layout,
     max_new_tokens,
     temperature,
@@ -580,11 +615,17 @@ def run(
       reshard run tiny-ep2tp2 --prompt "Why is the sky blue?"
       reshard run tiny:qwen3_moe --layout tp2 --prompt "Hello" --max-new-tokens 16 --json
       reshard run q3-ep4tp4 --prompt "Why is the sky blue?" --chat --device cuda
+      reshard run q3-ep4tp4 --prompt-file prompts.jsonl --batch-size 32 --json
       reshard run q3-ep4tp4 --prompt "Hi" --nnodes 2 --node-rank 0 --rdzv-endpoint node0:29500
     """
     from reshard.runtime.launch import Nodes, default_device, launch
-    from reshard.runtime.text import TextCodec
+    from reshard.runtime.text import TextCodec, read_prompt_file
     from reshard.runtime.worker import context_of
+
+    if (prompt is None) == (prompt_file is None):
+        raise ReshardError("give --prompt TEXT or --prompt-file FILE (one of them)")
+    if batch_size > 1 and prompt_file is None:
+        raise ReshardError("--batch-size needs --prompt-file (a batch of one --prompt is one row)")
 
     if top_p < 1 and temperature == 0:
         raise ReshardError(
@@ -593,12 +634,16 @@ def run(
         )
     ckpt = _checkpoint(src, layout, quiet)
     # Refused here, in one line, before any rank starts (each rank checks again).
-    TextCodec(ckpt.directory).encode_prompt(
-        prompt, chat=chat, max_new_tokens=max_new_tokens, context=context_of(ckpt)
+    codec = TextCodec(ckpt.directory)
+    for text in read_prompt_file(prompt_file) if prompt_file else [prompt]:
+        codec.encode_prompt(
+            text, chat=chat, max_new_tokens=max_new_tokens, context=context_of(ckpt)
+        )
+    worker_args = (
+        ["--prompt-file", str(prompt_file.resolve())] if prompt_file else ["--prompt", prompt]
     )
-    worker_args = [
-        "--prompt",
-        prompt,
+    worker_args += ["--batch-size", str(batch_size), "--dtype", dtype] + ["--compile"] * compile_
+    worker_args += [
         "--max-new-tokens",
         str(max_new_tokens),
         "--temperature",
@@ -671,6 +716,13 @@ def validate(
     from reshard.sources import open_source
 
     ckpt = _checkpoint(directory, None, quiet=True)
+    if ckpt.manifest.quantization:
+        # Its weights stay float8 and are not trained here: there are no gradients to compare.
+        kind = ckpt.manifest.quantization["quant_method"].upper()
+        raise ReshardError(
+            f"{directory}: validate compares fp32 logits and gradients, and this checkpoint keeps "
+            f"{kind} weights; validate a conversion of the same source with --dtype fp32"
+        )
     source = open_source(against)
     vocab = ckpt.manifest.config["vocab_size"]
     with tempfile.TemporaryDirectory(prefix="reshard-validate-") as tmp:

@@ -12,6 +12,7 @@ manifest, last.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import fnmatch
 import functools
@@ -22,17 +23,18 @@ import re
 import shutil
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from reshard.architecture import ModelArgs
 from reshard.cluster import Part
-from reshard.converters import ModelSpec, get_spec
+from reshard.converters import ModelSpec, fp8, get_spec, mxfp4
 from reshard.converters.lazy import (
     CAST_DTYPES,
     Cast,
+    Dequant,
     LazyTensor,
     RepeatBlocks,
     Segment,
@@ -91,6 +93,27 @@ class ConversionPlan:
     params: dict[str, ParamPlan]
     dtype_name: str = "keep"
     max_file_bytes: int | None = None  # above it a rank is written as several part files
+    # The source's FP8 format (converters.fp8), and {weight: scale} of the scales written
+    # beside their weights (empty when --dtype dequantized them).
+    quant: fp8.BlockFP8 | None = None
+    scales: dict[str, str] = field(default_factory=dict)
+    # An MXFP4 source's blocks and scales kept, or dequantized (converters.mxfp4).
+    mxfp4: mxfp4.MXFP4Plan | None = None
+
+    @property
+    def quantization(self) -> dict | None:
+        """The manifest's record of the FP8 weights kept, or None (unquantized, dequantized)."""
+        if self.mxfp4 is not None:
+            return self.mxfp4.record()
+        return self.quant.record(self.scales) if self.scales else None
+
+    @property
+    def config(self) -> dict:
+        """The output's config.json: the source's, without quantization_config once dequantized."""
+        dequantized_mxfp4 = self.mxfp4 is not None and not self.mxfp4.packed
+        if (self.quant is None or self.scales) and not dequantized_mxfp4:
+            return self.source.config
+        return {k: v for k, v in self.source.config.items() if k != "quantization_config"}
 
     def rank_tensors(self, rank: int) -> list[LocalTensor]:
         coords = tuple(self.layout.coords(rank).values())
@@ -185,7 +208,16 @@ def make_plan(
     spec = get_spec(source.model_type)
     args = model_args(spec, source)
     check_fit(spec, args, layout)
-    targets = spec.to_targets(source.tensors, args)
+    quant = fp8.block_fp8(source.config, list(source.tensors), spec.model_type)
+    packed = mxfp4.is_mxfp4(source.config, list(source.tensors), spec.model_type)
+    # MXFP4 blocks and scales read as their weight: the family sees bf16 tensors.
+    tensors = mxfp4.unpacked(source.tensors) if packed else source.tensors
+    targets = spec.to_targets(tensors, args)
+    scales = fp8.pair_scales(targets, quant) if quant else {}
+    if scales and CAST_DTYPES[dtype] is not None:
+        targets = _dequantized(targets, scales, quant, CAST_DTYPES[dtype])
+        scales = {}
+    weights = {s: w for w, s in scales.items()}  # a scale is placed by its weight's styles
     tp, kv = layout.size("tp"), args.num_kv_heads
     params = {}
     for name, tensor in targets.items():
@@ -193,7 +225,10 @@ def make_plan(
         if tp > kv and any(fnmatch.fnmatchcase(name, g) for g in spec.kv_params):
             # Whole kv heads per rank: rank r holds kv head r // (tp / kv), as vLLM does.
             head_repeat = tp // kv
-            tensor = RepeatBlocks(tensor, dim=0, block=args.head_dim, repeats=head_repeat)
+            block = args.head_dim
+            if name in weights:  # a head is this many scale rows
+                block = fp8.kv_scale_rows(weights[name], args.head_dim, quant)
+            tensor = RepeatBlocks(tensor, dim=0, block=block, repeats=head_repeat)
         if (
             CAST_DTYPES[dtype] is not None
             and tensor.dtype.is_floating_point
@@ -201,7 +236,7 @@ def make_plan(
         ):
             tensor = Cast(tensor, CAST_DTYPES[dtype])
         targets[name] = tensor
-        styles = spec.styles_for(name)
+        styles = spec.styles_for(weights.get(name, name))
         p = ParamPlan(
             name=name,
             shape=tuple(tensor.shape),
@@ -210,8 +245,19 @@ def make_plan(
             placements=placements_for(styles, tensor.ndim, layout),
             head_repeat=head_repeat,
         )
-        check_divisible(p, layout)
+        if name not in weights:  # a scale is checked after the weights, by its blocks
+            check_divisible(p, layout)
         params[name] = p
+    if scales:
+        _check_fp8_blocks(spec, args, layout, [params[w] for w in scales], quant)
+        for scale in weights:  # whole blocks per rank: so the scales split evenly too
+            check_divisible(params[scale], layout)
+    mx = mxfp4.MXFP4Plan({}, dtype) if packed else None
+    if packed and CAST_DTYPES[dtype] is None:  # keep MXFP4: blocks and scales, not the weight
+        fits = functools.partial(check_fit, spec, args)
+        targets, params, mx = mxfp4.keep_packed(
+            targets, params, layout, _nearby_layouts(layout), fits
+        )
     return ConversionPlan(
         source=source,
         layout=layout,
@@ -221,7 +267,84 @@ def make_plan(
         params=params,
         dtype_name=dtype,
         max_file_bytes=max_file_bytes,
+        quant=quant,
+        scales=scales,
+        mxfp4=mx,
     )
+
+
+def _dequantized(
+    targets: dict[str, LazyTensor], scales: dict[str, str], quant: fp8.BlockFP8, dtype: torch.dtype
+) -> dict[str, LazyTensor]:
+    """--dtype with an FP8 source: each weight read through its scale (lazy.Dequant, block by
+    block: a rank reads its blocks only), and no scales written."""
+    dropped = set(scales.values())
+    return {
+        name: Dequant(t, targets[scales[name]], quant.blocks(t.ndim), dtype)
+        if name in scales
+        else t
+        for name, t in targets.items()
+        if name not in dropped
+    }
+
+
+def _check_fp8_blocks(
+    spec: ModelSpec, args: ModelArgs, layout: Layout, weights: list[ParamPlan], quant: fp8.BlockFP8
+) -> None:
+    """Refuse a layout that cuts an FP8 scale block: a scale shares its weight's placements, so
+    every local piece of the weight must be whole blocks. The error names the parameter, the
+    block size and the layouts near this one that fit every FP8 weight."""
+    for p in weights:
+        bad = fp8.misaligned(p.shape, p.placements, layout.mesh_shape, quant.blocks(len(p.shape)))
+        if bad is None:
+            continue
+        dim, piece = bad
+        fits = [c.name for c in _nearby_layouts(layout) if _fp8_fits(spec, args, c, weights, quant)]
+        raise LayoutError(
+            f"layout {layout.name}: {p.name} {list(p.shape)} splits dim {dim} into pieces of "
+            f"{piece}, not whole FP8 scale blocks (weight_block_size {list(quant.block)}); "
+            f"layouts that fit: {', '.join(fits) or 'none near ' + layout.name}, or --dtype bf16"
+        )
+
+
+def _nearby_layouts(layout: Layout) -> list[Layout]:
+    """The same world with experts kept whole (-tp2ep), then each smaller tp, largest first."""
+    tp = layout.size("tp")
+    out = [dataclasses.replace(layout, tp2ep=True)] if tp > 1 and not layout.tp2ep else []
+    for t in range(tp - 1, 0, -1):
+        if tp % t == 0:
+            dims = tuple((n, t if n == "tp" else s) for n, s in layout.dims)
+            out.append(
+                Layout(
+                    dims=tuple(d for d in dims if d[1] > 1),
+                    sp=layout.sp and t > 1,
+                    tp2ep=layout.tp2ep and t > 1,
+                )
+            )
+    return out
+
+
+def _fp8_fits(
+    spec: ModelSpec, args: ModelArgs, layout: Layout, weights: list[ParamPlan], quant: fp8.BlockFP8
+) -> bool:
+    """Whether `layout` fits the model and splits every FP8 weight into whole blocks."""
+    try:
+        check_fit(spec, args, layout)
+        tp, kv = layout.size("tp"), args.num_kv_heads
+        for p in weights:
+            rows = p.shape[0] // p.head_repeat  # k/v heads repeat as this layout's tp says
+            if tp > kv and any(fnmatch.fnmatchcase(p.name, g) for g in spec.kv_params):
+                rows *= tp // kv
+            shape = (rows, *p.shape[1:])
+            q = dataclasses.replace(
+                p, shape=shape, placements=placements_for(p.styles, len(shape), layout)
+            )
+            check_divisible(q, layout)
+            if fp8.misaligned(shape, q.placements, layout.mesh_shape, quant.blocks(len(shape))):
+                return False
+    except LayoutError:
+        return False
+    return True
 
 
 def read_local(plan: ConversionPlan, t: LocalTensor) -> torch.Tensor:
@@ -530,17 +653,21 @@ def write_manifest(plan: ConversionPlan, out: Path, done: dict[int, RankEntry]) 
     world = plan.layout.world_size
     _remove_stale(out, plan)
     for f in plan.source.side_files():
-        atomic_write_bytes(out / f.name, f.read_bytes())
+        if f.name == "config.json" and plan.config is not plan.source.config:
+            atomic_write_text(out / f.name, json.dumps(plan.config, indent=2) + "\n")
+        else:
+            atomic_write_bytes(out / f.name, f.read_bytes())
     manifest = Manifest(
         layout=plan.layout.name,
         mesh=dict(plan.layout.dims),
         dtype=plan.dtype_name,
         source=plan.source.describe(),  # waits for the source hashes
         model_type=plan.source.model_type,
-        config=plan.source.config,
+        config=plan.config,
         params={name: param_plan_to_json(p) for name, p in plan.params.items()},
         ranks=[done[r] for r in range(world)],
         notes=_notes(plan),
+        quantization=plan.quantization,
     )
     atomic_write_text(out / "README.md", model_card(manifest))
     fsync_dir(out)  # every rename above is durable before the manifest says "finished"
@@ -587,4 +714,11 @@ def _notes(plan: ConversionPlan) -> list[str]:
             f"tp ({plan.layout.size('tp')}) > num_key_value_heads ({plan.args.num_kv_heads}): k/v heads are "
             f"replicated {repeats.pop()}x; k_proj/v_proj global shapes count the repeated heads"
         )
+    if plan.quant is not None and not plan.scales:
+        notes.append(
+            f"dequantized from FP8 (weight_block_size {list(plan.quant.block)}) to "
+            f"{plan.dtype_name} while converting; config.json has no quantization_config"
+        )
+    if plan.mxfp4 is not None and plan.mxfp4.note():
+        notes.append(plan.mxfp4.note())
     return notes

@@ -89,6 +89,10 @@ class Manifest:
     ranks: list[RankEntry]
     format_version: int = FORMAT_VERSION
     notes: list[str] = field(default_factory=list)
+    # FP8 weights kept as they were (reshard.converters.fp8.BlockFP8.record): format, block
+    # size and {weight: its scale}; or MXFP4 ones (converters.mxfp4.MXFP4Plan.record):
+    # {weight: its blocks}, {weight: its scales}; None (and absent from the JSON) otherwise.
+    quantization: dict | None = None
 
     @property
     def parsed_layout(self) -> Layout:
@@ -104,6 +108,8 @@ class Manifest:
     def to_json(self) -> str:
         data = asdict(self)
         data["ranks"] = [r.to_json() for r in self.ranks]
+        if data["quantization"] is None:
+            del data["quantization"]
         return json.dumps(data, indent=2) + "\n"
 
 
@@ -289,6 +295,44 @@ def _check_param(name: str, entry: Any, layout: Layout, cast_to: str | None) -> 
         raise _Invalid(f"{where}.placements", str(e)) from None
 
 
+_QUANT_FIELDS = {"quant_method", "fmt", "activation_scheme", "weight_block_size", "scales"}
+
+
+def _check_quantization(q: Any, params: dict) -> None:
+    """The FP8 record: block-scaled e4m3 with dynamic activations; every float8 parameter is a
+    weight with exactly one scale, a float tensor of ceil(shape / block) on the last two dims,
+    placed like its weight (then each rank's scales are exactly those of its weight blocks;
+    `reshard convert` refuses layouts where that fails)."""
+    where = "quantization"
+    _expect_keys(_expect(q, dict, where), _QUANT_FIELDS, set(), where)
+    for key, value in (("quant_method", "fp8"), ("fmt", "e4m3"), ("activation_scheme", "dynamic")):
+        _expect_equal(q[key], value, f"{where}.{key}", "the only supported")
+    block = _expect(q["weight_block_size"], list, f"{where}.weight_block_size")
+    if len(block) != 2 or not all(_is_count(b, least=1) for b in block):
+        raise _Invalid(f"{where}.weight_block_size", f"{_show(block)} is not [rows, cols]")
+    scales = _expect(q["scales"], dict, f"{where}.scales")
+    fp8 = {n for n, e in params.items() if e["dtype"].startswith("F8_")}
+    if set(scales) != fp8:
+        odd = sorted(fp8 ^ set(scales))[:3]
+        raise _Invalid(
+            f"{where}.scales", f"must name every float8 parameter, exactly: {_show(odd)}"
+        )
+    for weight, scale in scales.items():
+        at = f"{where}.scales[{json.dumps(weight)[:120]}]"
+        if not isinstance(scale, str) or scale not in params or scale in fp8:
+            raise _Invalid(at, f"{_show(scale)} is not a float parameter")
+        w, s = params[weight], params[scale]
+        if len(w["shape"]) < 2 or not SAFETENSORS_DTYPES[s["dtype"]].is_floating_point:
+            raise _Invalid(at, "a float8 weight has at least 2 dims and float scales")
+        want = w["shape"][:-2] + [-(-n // b) for n, b in zip(w["shape"][-2:], block)]
+        if s["shape"] != want:
+            raise _Invalid(at, f"scale shape {_show(s['shape'])} is not {want} for {w['shape']}")
+        if s["placements"] != w["placements"] or s.get("head_repeat") != w.get("head_repeat"):
+            raise _Invalid(at, "a scale must be placed like its weight")
+    if len(set(scales.values())) != len(scales):
+        raise _Invalid(f"{where}.scales", "two weights share one scale")
+
+
 def _check_file(where: str, entry: dict, name: str) -> None:
     if entry["file"] != name:
         raise _Invalid(f"{where}.file", f"{_show(entry['file'], 80)} must be {name!r}")
@@ -345,7 +389,7 @@ def manifest_from_json(data: Any) -> Manifest:
     _expect(data, dict, "the manifest")
     if "format_version" in data:  # first: an old manifest lacks newer fields
         _check_version(data["format_version"])
-    _expect_keys(data, _REQUIRED | {"params", "ranks"}, {"notes"}, "the manifest")
+    _expect_keys(data, _REQUIRED | {"params", "ranks"}, {"notes", "quantization"}, "the manifest")
     layout = _check_layout(data["layout"])
     _expect_equal(data["mesh"], dict(layout.dims), "mesh", f"layout {layout.name}'s mesh")
     if not isinstance(data["dtype"], str) or data["dtype"] not in CAST_DTYPES:
@@ -356,6 +400,15 @@ def manifest_from_json(data: Any) -> Manifest:
     notes = _expect_strings(data.get("notes", []), "notes")
     for name, entry in _expect(data["params"], dict, "params").items():
         _check_param(name, entry, layout, cast_to and DTYPE_NAMES[cast_to])
+    quantization = data.get("quantization")
+    if isinstance(quantization, dict) and quantization.get("quant_method") == "mxfp4":
+        from reshard.converters.mxfp4 import record_problem
+
+        problem = record_problem(quantization, data["params"])
+        if problem:
+            raise _Invalid(*problem)
+    elif quantization is not None:
+        _check_quantization(quantization, data["params"])
     ranks = _expect(data["ranks"], list, "ranks")
     if len(ranks) != layout.world_size:
         raise _Invalid(
@@ -366,6 +419,7 @@ def manifest_from_json(data: Any) -> Manifest:
         params=data["params"],
         ranks=[_check_rank(i, entry, layout, set(data["params"])) for i, entry in enumerate(ranks)],
         notes=notes,
+        quantization=quantization,
     )
 
 

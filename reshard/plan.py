@@ -14,6 +14,7 @@ transformers' registry so a plan copied from a transformers config works.
 | moe_tp_down_rowwise      | experts.down_proj [E, H, I]  | Shard(-1)                 | -                          |
 | moe_tp_gate_up_colwise_t | gate_up_proj [E, H, 2I]      | _StridedShard(-1, sf=2)   | -                          |
 | moe_tp_down_rowwise_t    | down_proj [E, I, H]          | Shard(-2)                 | -                          |
+| moe_tp_gate_up_interleaved_t | gate_up_proj [E, H, 2I], gate/up alternating; its bias | Shard(-1) | - |
 | grouped_gemm             | expert tensors               | -                         | Shard(0)                   |
 | replicate                | norms, router                | Replicate                 | Replicate                  |
 
@@ -41,6 +42,9 @@ TP_STYLES = {
     # Llama 4 stores its experts transposed: the same splits, on the other dims.
     "moe_tp_gate_up_colwise_t": lambda ndim: StridedShard(-1, 2),
     "moe_tp_down_rowwise_t": lambda ndim: Shard(-2),
+    # GPT-OSS alternates gate and up columns: contiguous blocks of 2I / tp columns hold whole
+    # (gate_j, up_j) pairs, the same j as down_proj's Shard(-2) rows (the bias [E, 2I] alike).
+    "moe_tp_gate_up_interleaved_t": lambda ndim: Shard(-1),
     "replicate": lambda ndim: Replicate(),
 }
 # Styles that split the expert list over the expert-parallel dims.

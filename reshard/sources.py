@@ -344,7 +344,11 @@ def _open_sharded(text: str, ckpt) -> Source:
                     pieces[key] = _window(local, box)
         tensor: LazyTensor = Assembled(p.shape, p.dtype, list(pieces.items()))
         if p.head_repeat > 1:
-            tensor = _unrepeat(tensor, head_dim, p.head_repeat)
+            quant = ckpt.manifest.quantization or {}
+            block = head_dim
+            if name in quant.get("scales", {}).values():  # an FP8 scale: a head is fewer rows
+                block = head_dim // quant["weight_block_size"][0]
+            tensor = _unrepeat(tensor, block, p.head_repeat)
         tensors[name] = tensor
     files = [path for r in range(world) for path, _ in ckpt.rank_files(r)]
     hashes = {e.file: e.sha256 for r in range(world) for e in ckpt.manifest.ranks[r].files}

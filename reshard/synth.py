@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +26,7 @@ from pathlib import Path
 import torch
 
 from reshard.architecture import param_shapes
-from reshard.converters import get_spec
+from reshard.converters import fp8, get_spec
 from reshard.converters.lazy import LazyTensor, row_major_strides
 from reshard.errors import ReshardError
 from reshard.export import natural_order, write_hf_weights
@@ -59,8 +60,67 @@ _QWEN3_30B = {
     "eos_token_id": 151645,
     "torch_dtype": "bfloat16",
 }
+# Qwen/Qwen3-30B-A3B-FP8: the same model, its Linear weights float8_e4m3fn with a float32
+# scale per 128 x 128 block (see `_FP8_WEIGHTS`).
+_FP8 = {
+    "quant_method": "fp8",
+    "fmt": "e4m3",
+    "activation_scheme": "dynamic",
+    "weight_block_size": [128, 128],
+}
+# deepseek-ai/DeepSeek-V3 (and R1, and Kimi-K2's layout with other sizes): MLA, 256 routed
+# experts, 3 dense layers, released in FP8 with 128 x 128 block scales. Its multi-token
+# prediction layer (model.layers.61) is left out, as reshard and transformers drop it.
+_DEEPSEEK_V3 = {
+    "architectures": ["DeepseekV3ForCausalLM"],
+    "model_type": "deepseek_v3",
+    "vocab_size": 129280,
+    "hidden_size": 7168,
+    "intermediate_size": 18432,
+    "moe_intermediate_size": 2048,
+    "num_hidden_layers": 61,
+    "num_attention_heads": 128,
+    "num_key_value_heads": 128,
+    "n_routed_experts": 256,
+    "n_shared_experts": 1,
+    "num_experts_per_tok": 8,
+    "n_group": 8,
+    "topk_group": 4,
+    "topk_method": "noaux_tc",
+    "scoring_func": "sigmoid",
+    "routed_scaling_factor": 2.5,
+    "norm_topk_prob": True,
+    "first_k_dense_replace": 3,
+    "moe_layer_freq": 1,
+    "q_lora_rank": 1536,
+    "kv_lora_rank": 512,
+    "qk_nope_head_dim": 128,
+    "qk_rope_head_dim": 64,
+    "v_head_dim": 128,
+    "hidden_act": "silu",
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000,
+    "rope_scaling": {
+        "type": "yarn",
+        "factor": 40,
+        "original_max_position_embeddings": 4096,
+        "beta_fast": 32,
+        "beta_slow": 1,
+        "mscale": 1.0,
+        "mscale_all_dim": 1.0,
+    },
+    "max_position_embeddings": 163840,
+    "attention_bias": False,
+    "tie_word_embeddings": False,
+    "bos_token_id": 0,
+    "eos_token_id": 1,
+    "torch_dtype": "bfloat16",
+    "quantization_config": {**_FP8},
+}
 PRESETS: dict[str, tuple[dict, str]] = {
+    "deepseek-v3": (_DEEPSEEK_V3, "5GB"),
     "qwen3-30b-a3b": (_QWEN3_30B, "4GB"),
+    "qwen3-30b-a3b-fp8": ({**_QWEN3_30B, "quantization_config": _FP8}, "4GB"),
     "qwen3-235b-a22b": (
         {
             **_QWEN3_30B,
@@ -108,28 +168,68 @@ class _Shape(LazyTensor):
 
 
 class _Synthetic(_Shape):
-    """A tensor whose values are cut from the random pool (see `_values`)."""
+    """A tensor whose values are cut from the random pool (see `_values`).
 
-    def __init__(self, pool: torch.Tensor, name: str, shape: tuple[int, ...]):
-        super().__init__(shape, pool.dtype)
+    FP8 weights hold the pool's values times 2**12 (|x| <= 448 after clamping) and their
+    scales 2**-12, so they dequantize to about the pool's values.
+    """
+
+    def __init__(self, pool: torch.Tensor, name: str, shape: tuple[int, ...], dtype=None):
+        super().__init__(shape, dtype or pool.dtype)
         self.pool, self.name = pool, name
 
     def read(self, box) -> torch.Tensor:
-        return _values(self.pool, self.name, self.shape, box)
+        if self.name.endswith(fp8.SCALE):
+            return torch.full([b - a for a, b in box], FP8_SCALE, dtype=self.dtype)
+        values = _values(self.pool, self.name, self.shape, box)
+        if self.dtype in fp8.FP8_DTYPES:
+            return (values.float() / FP8_SCALE).clamp_(-448, 448).to(self.dtype)
+        return values
+
+
+FP8_SCALE = 2.0**-12
+# The targets an FP8 release quantizes: every Linear of attention, experts and dense MLPs;
+# not embeddings, norms, lm_head, the router or Qwen2-MoE's shared_expert_gate.
+_FP8_WEIGHTS = re.compile(r"(_proj(_with_mqa)?\.weight|\.experts\.(gate_up|down)_proj)$")
+
+
+def hf_tensor_dtypes(
+    config: dict, dtype: torch.dtype
+) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """The checkpoint's tensor names (the family's HF names), shapes and dtypes for `config`:
+    all `dtype`, but for a config with an FP8 quantization_config its Linear weights in
+    float8_e4m3fn, each with its float32 `weight_scale_inv` (converters.fp8)."""
+    spec = get_spec(config["model_type"])
+    quantization = config.get("quantization_config") or {}
+    block = (
+        quantization.get("weight_block_size") if quantization.get("quant_method") == "fp8" else None
+    )
+    targets: dict[str, LazyTensor] = {}
+    for n, s in param_shapes(spec.parse_config(config)).items():
+        if block and _FP8_WEIGHTS.search(n):
+            targets[n] = _Shape(s, torch.float8_e4m3fn)
+            scale = s[:-2] + tuple(-(-x // b) for x, b in zip(s[-2:], block))
+            targets[n + fp8.SCALE] = _Shape(scale, torch.float32)
+        else:
+            targets[n] = _Shape(s, dtype)
+    sources = spec.to_sources(targets)
+    return {
+        name: (tuple(sources[name].shape), sources[name].dtype)
+        for name in sorted(sources, key=natural_order)
+    }
 
 
 def hf_tensors(config: dict, dtype: torch.dtype) -> dict[str, tuple[int, ...]]:
     """The checkpoint's tensor names (the family's HF names) and shapes for `config`."""
-    spec = get_spec(config["model_type"])
-    targets = {n: _Shape(s, dtype) for n, s in param_shapes(spec.parse_config(config)).items()}
-    sources = spec.to_sources(targets)
-    return {name: tuple(sources[name].shape) for name in sorted(sources, key=natural_order)}
+    return {name: shape for name, (shape, _) in hf_tensor_dtypes(config, dtype).items()}
 
 
 def synth_bytes(config: dict, dtype: torch.dtype) -> int:
     """Bytes of tensor data `write_synth` writes for `config`."""
-    size = torch.empty((), dtype=dtype).element_size()
-    return sum(size * math.prod(s) for s in hf_tensors(config, dtype).values())
+    return sum(
+        torch.empty((), dtype=d).element_size() * math.prod(s)
+        for s, d in hf_tensor_dtypes(config, dtype).values()
+    )
 
 
 def preset(like: str, layers: int | None = None) -> tuple[dict, str]:
@@ -179,7 +279,9 @@ def write_synth(
 
     g = torch.Generator().manual_seed(seed)
     pool = torch.randn(POOL_ELEMENTS, generator=g).mul_(0.02).to(dtype)  # the only random draw
-    tensors = {n: _Synthetic(pool, n, s) for n, s in hf_tensors(config, dtype).items()}
+    tensors = {
+        n: _Synthetic(pool, n, s, d) for n, (s, d) in hf_tensor_dtypes(config, dtype).items()
+    }
     out.mkdir(parents=True, exist_ok=True)
     written = write_hf_weights(out, tensors, max_shard_size, on_bytes)
     config = {**config, "torch_dtype": str(dtype).removeprefix("torch.")}

@@ -9,9 +9,12 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,29 +55,12 @@ def launch(
         raise ReshardError(
             f"--nnodes {nodes.nnodes} does not divide the layout's {world_size} ranks"
         )
+    worker_argv = [mode, "--ckpt", str(ckpt), "--device", device, *worker_args]
+    if world_size == 1:
+        _run_in_process(worker_argv)
+        return
     nproc = world_size // nodes.nnodes
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"]
-    if nodes.nnodes == 1:
-        cmd.append("--standalone")
-    else:
-        if not nodes.rdzv_endpoint:
-            raise ReshardError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT")
-        cmd += [
-            f"--nnodes={nodes.nnodes}",
-            f"--node-rank={nodes.node_rank}",
-            "--rdzv-backend=c10d",
-            f"--rdzv-endpoint={nodes.rdzv_endpoint}",
-        ]
-    cmd += [
-        "-m",
-        "reshard.runtime.worker",
-        mode,
-        "--ckpt",
-        str(ckpt),
-        "--device",
-        device,
-        *worker_args,
-    ]
+    cmd = [*_torchrun(nproc, nodes), "-m", "reshard.runtime.worker", *worker_argv]
     debug = bool(os.environ.get("RESHARD_DEBUG"))
     with tempfile.TemporaryDirectory(prefix="reshard-errors-") as errors:
         env = dict(os.environ, RESHARD_ERROR_DIR=errors, PYTHONUNBUFFERED="1")
@@ -98,6 +84,50 @@ def launch(
         errors = [line for line in lines if re.search(r"\w+(Error|Exception)\b", line)]
         hint = (errors or lines or [f"exit code {proc.returncode}"])[-1]
         raise ReshardError(f"the ranks failed ({hint}); set RESHARD_DEBUG=1 to see their output")
+
+
+def _torchrun(nproc: int, nodes: Nodes) -> list[str]:
+    """torchrun, starting `nproc` ranks on this node."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"]
+    if nodes.nnodes == 1:
+        return cmd + ["--standalone"]
+    if not nodes.rdzv_endpoint:
+        raise ReshardError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT")
+    return cmd + [
+        f"--nnodes={nodes.nnodes}",
+        f"--node-rank={nodes.node_rank}",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint={nodes.rdzv_endpoint}",
+    ]
+
+
+def _run_in_process(worker_argv: list[str]) -> None:
+    """One rank needs no rendezvous: run the worker in this process, with the variables
+    torchrun would set. That spares torchrun's process and the rank's, and their two
+    `import torch`: seconds of the command's start."""
+    from reshard.runtime import worker
+
+    with tempfile.TemporaryDirectory(prefix="reshard-errors-") as errors:
+        env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}
+        env |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+        with _environ(env | {"RESHARD_ERROR_DIR": errors}):
+            failed = worker.main(worker_argv) != 0
+        if failed:
+            raise ReshardError(Path(errors, "rank-0.txt").read_text().strip())
+
+
+@contextmanager
+def _environ(values: dict[str, str]) -> Iterator[None]:
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _run_torchrun(cmd: list[str], env: dict, *, capture: bool) -> subprocess.CompletedProcess:
@@ -134,3 +164,9 @@ def _rank_that_died(stderr: str) -> str | None:
     except ValueError:
         name = f"signal {-int(match[2])}"
     return f"rank {match[1]} died ({name})"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

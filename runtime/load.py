@@ -23,6 +23,8 @@ from reshard.checkpoint import ShardedCheckpoint, open_checkpoint
 from reshard.converters import get_spec
 from reshard.errors import CheckpointError
 from reshard.placements import Replicate, to_torch
+from reshard.runtime import mxfp4
+from reshard.runtime.fp8 import compute_dtype, dequantize_on_access, take_scales
 from reshard.runtime.model import meta_model
 from reshard.runtime.parallel import ParallelGroups, ParallelModel, parallelize
 
@@ -106,15 +108,34 @@ def load_dtensors(directory: str | Path, mesh) -> dict[str, torch.Tensor]:
 def load_parallel_model(
     ckpt: ShardedCheckpoint, rank: int, *, device: torch.device, dtype: torch.dtype | None = None
 ) -> ParallelModel:
-    """Build the model on the meta device, wire it for the layout, and load this rank's shards."""
+    """Build the model on the meta device, wire it for the layout, and load this rank's shards.
+
+    FP8 weights stay float8 in memory and are dequantized to `dtype` (default: the other
+    weights' dtype) each time their layer reads them (reshard.runtime.fp8); MXFP4 ones stay
+    blocks and scales, alike (reshard.runtime.mxfp4)."""
     model = meta_model(model_args(ckpt))
     state = ckpt.load_rank(rank, device=device)
+    quantization = ckpt.manifest.quantization
+    packed = mxfp4.take_packed(state, quantization)  # MXFP4: blocks under their weight's name
+    scales = {} if packed else take_scales(state, quantization)
     if dtype is not None:
-        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+        state = {
+            k: v.to(dtype) if v.is_floating_point() and k not in scales else v
+            for k, v in state.items()
+        }
     _assign_local(model, state)
+    if scales:
+        dequantize_on_access(model, scales, quantization, dtype or compute_dtype(state, scales))
+    if packed:
+        mxfp4.dequantize_on_access(model, packed, dtype or compute_dtype(state, {}))
     head_repeat = max(p.head_repeat for p in ckpt.params.values())
     groups = ParallelGroups.create(ckpt.layout, rank, head_repeat)
-    return parallelize(model, ckpt.layout, groups, ckpt.params)
+    # A scale is placed like its weight: the weight's placements are the ones to run.
+    held = set(quantization["scales"].values()) if quantization else set()
+    params = {n: p for n, p in ckpt.params.items() if n not in held}
+    if packed:  # the weights' placements, read back from their blocks'
+        params = mxfp4.weight_params(ckpt.params, quantization)
+    return parallelize(model, ckpt.layout, groups, params)
 
 
 def model_args(ckpt: ShardedCheckpoint) -> ModelArgs:
@@ -138,7 +159,9 @@ def _assign_local(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> Non
         owner, _, attr = name.rpartition(".")
         module = model.get_submodule(owner)
         if name in params:
-            setattr(module, attr, torch.nn.Parameter(tensor))
+            # Integer tensors (MXFP4 blocks) cannot require gradients.
+            trainable = tensor.is_floating_point() or tensor.is_complex()
+            setattr(module, attr, torch.nn.Parameter(tensor, requires_grad=trainable))
         else:
             module.register_buffer(attr, tensor)
     if model.args.tie_word_embeddings:

@@ -8,8 +8,10 @@ parallelize module swaps weights for local shards, shrinks the head counts on
 
 One set of blocks covers every family (see ``reshard.architecture``): attention
 with qk-norm per head or over the whole projection, qkv bias, q/k/v clipping and
-partial RoPE; MoE with a softmax or sigmoid router, router bias, group-limited
-top-k, routed scaling, shared experts with or without a gate, and dense layers.
+partial RoPE, sliding windows and attention sinks; MoE with a softmax, sigmoid or
+top-k-then-softmax router, router biases, group-limited top-k, routed scaling, expert
+biases and GPT-OSS's clamped SwiGLU, shared experts with or without a gate, and dense
+layers.
 Parameter names are exactly transformers', and the model holds exactly
 ``param_shapes(args)``, so a transformers ``state_dict()`` loads here with
 ``strict=True``.
@@ -34,12 +36,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from reshard.architecture import ModelArgs
+from reshard.architecture import ModelArgs, YaRN
+from reshard.runtime.rope import yarn_inv_freq
 
 
 class RMSNorm(nn.Module):
@@ -57,39 +61,48 @@ class RMSNorm(nn.Module):
         # Normalise in fp32 and cast back before the scale, as transformers does,
         # so bf16 runs round at the same place as the reference.
         x32 = x.float()
-        x32 = x32 * torch.rsqrt(self.mean_square(x32) + self.eps)
+        if "mean_square" in vars(self):  # swapped by a parallelizer: the statistic spans ranks
+            x32 = x32 * torch.rsqrt(self.mean_square(x32) + self.eps)
+        else:  # the same math, one fused kernel where torch has one (CUDA): decode is launches
+            x32 = F.rms_norm(x32, (x32.shape[-1],), eps=self.eps)
         return self.weight * x32.to(x.dtype)
 
 
 def rope_cos_sin(
-    positions_T: torch.Tensor,
+    positions: torch.Tensor,
     rotary_dim: int,
     theta: float,
     dtype: torch.dtype,
     interleaved: bool = False,
+    yarn: YaRN | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Default RoPE tables for the given positions, over the first `rotary_dim` dims of a head.
+    """RoPE tables for the given positions, over the first `rotary_dim` dims of a head
+    (YaRN-scaled when `yarn` is given: its frequencies, cos and sin times its scale).
 
     Computed per call rather than kept in a buffer: it is R/2 x T elements, and
     a buffer would be cast by ``model.to(bfloat16)`` and lost on meta-device init.
 
+    Args:
+        positions: ``[T]``, or ``[B, T]`` when rows sit at different positions (left padding).
+
     Returns:
-        ``(cos_TR, sin_TR)`` in ``dtype``: each half repeated (rotate-half convention), or
-        each frequency twice in a row (``interleaved``: pairs (2i, 2i + 1), Llama 4).
+        ``(cos, sin)`` of shape ``positions.shape + (R,)`` in ``dtype``: each half repeated
+        (rotate-half convention), or each frequency twice in a row (``interleaved``: pairs
+        (2i, 2i + 1), Llama 4).
     """
     inv_freq = 1.0 / (
         theta
-        ** (
-            torch.arange(0, rotary_dim, 2, dtype=torch.float, device=positions_T.device)
-            / rotary_dim
-        )
+        ** (torch.arange(0, rotary_dim, 2, dtype=torch.float, device=positions.device) / rotary_dim)
     )
-    freqs_TR = positions_T.float()[:, None] * inv_freq[None, :]
+    if yarn is not None:
+        inv_freq = yarn_inv_freq(yarn, rotary_dim, theta, positions.device)
+    freqs = positions.float()[..., None] * inv_freq
     if interleaved:
-        emb_TR = freqs_TR.repeat_interleave(2, dim=-1)
+        emb = freqs.repeat_interleave(2, dim=-1)
     else:
-        emb_TR = torch.cat((freqs_TR, freqs_TR), dim=-1)
-    return emb_TR.cos().to(dtype), emb_TR.sin().to(dtype)
+        emb = torch.cat((freqs, freqs), dim=-1)
+    scale = 1.0 if yarn is None else yarn.cos_sin_scale  # in fp32, before the cast (transformers)
+    return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
 
 
 def apply_rope(
@@ -113,6 +126,9 @@ def l2_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
     return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
+Position = int | torch.Tensor  # a cache slot: a Python int, or a 0-d device tensor
+
+
 class KVCache:
     """Per-layer key/value tensors for incremental decoding.
 
@@ -120,39 +136,162 @@ class KVCache:
     keys it receives, so a parallelizer that shrinks a layer's kv heads needs no
     say here. ``max_seq_len`` bounds the preallocation.
 
+    Rows of a batch may be left-padded to a common length: ``pad_B[b]`` leading slots of
+    row b hold no token, so its first real token sits in slot ``pad_B[b]`` at position 0.
+
+    ``start_pos`` (the slot of a step's first token) is an int, or a 0-d device tensor: then
+    ``update`` writes with ``index_copy_`` and returns the whole preallocation, so a decode
+    step has the same shapes at every position and needs no host round trip (a CUDA graph
+    can replay it). Attention masks the slots not written yet (``attention_mask``).
+
     Example:
         >>> cache = KVCache(max_seq_len=64)
         >>> logits_BTV = model(prompt_BT, start_pos=0, cache=cache)  # doctest: +SKIP
         >>> logits_BTV = model(next_B1, start_pos=prompt_BT.shape[1], cache=cache)  # doctest: +SKIP
     """
 
-    def __init__(self, max_seq_len: int) -> None:
+    def __init__(self, max_seq_len: int, pad_B: torch.Tensor | None = None) -> None:
         self.max_seq_len = max_seq_len
+        self.pad_B = pad_B
         self.k_BGSD: dict[int, torch.Tensor] = {}
         self.v_BGSD: dict[int, torch.Tensor] = {}
+        self._masks: dict[tuple, torch.Tensor | None] = {}
+
+    def begin_step(self) -> None:
+        """A new forward: the masks of the last one no longer hold."""
+        self._masks.clear()
+
+    def attention_mask(
+        self,
+        start_pos: Position,
+        T: int,
+        S: int,
+        chunk: int | None,
+        window: int | None,
+        device: torch.device,
+    ) -> torch.Tensor | None:
+        """``attention_mask`` for this cache's rows, made once per step and shared by the
+        layers: in a replayed decode step, a few kernels instead of a few per layer."""
+        key = (T, S, chunk, window)
+        if key not in self._masks:
+            self._masks[key] = attention_mask(start_pos, T, S, self.pad_B, chunk, device, window)
+        return self._masks[key]
 
     def update(
-        self, layer_idx: int, start_pos: int, k_BGTD: torch.Tensor, v_BGTD: torch.Tensor
+        self, layer_idx: int, start_pos: Position, k_BGTD: torch.Tensor, v_BGTD: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write this step's keys/values at ``start_pos`` and return all of them so far."""
-        end = start_pos + k_BGTD.shape[2]
-        if end > self.max_seq_len:
+        """Write this step's keys/values at ``start_pos`` and return all of them so far
+        (with a tensor ``start_pos``: all ``max_seq_len`` slots)."""
+        T = k_BGTD.shape[2]
+        if isinstance(start_pos, int) and start_pos + T > self.max_seq_len:
             raise ValueError(
-                f"sequence length ({end}) exceeds the KV cache max_seq_len ({self.max_seq_len})"
+                f"sequence length ({start_pos + T}) exceeds the KV cache max_seq_len "
+                f"({self.max_seq_len})"
             )
         if layer_idx not in self.k_BGSD:
             B, G, _, D = k_BGTD.shape
             self.k_BGSD[layer_idx] = k_BGTD.new_zeros(B, G, self.max_seq_len, D)
-            self.v_BGSD[layer_idx] = v_BGTD.new_zeros(B, G, self.max_seq_len, D)
+            self.v_BGSD[layer_idx] = v_BGTD.new_zeros(B, G, self.max_seq_len, v_BGTD.shape[-1])
         k_cache, v_cache = self.k_BGSD[layer_idx], self.v_BGSD[layer_idx]
+        if isinstance(start_pos, torch.Tensor):
+            slots_T = start_pos + torch.arange(T, device=k_cache.device)
+            k_cache.index_copy_(2, slots_T, k_BGTD)
+            v_cache.index_copy_(2, slots_T, v_BGTD)
+            return k_cache, v_cache
+        end = start_pos + T
         k_cache[:, :, start_pos:end] = k_BGTD
         v_cache[:, :, start_pos:end] = v_BGTD
         return k_cache[:, :, :end], v_cache[:, :, :end]
 
 
+def token_positions(
+    start_pos: Position, T: int, pad_B: torch.Tensor | None, device: torch.device
+) -> torch.Tensor:
+    """``[1 or B, T]`` positions of a step's tokens: their slots, less each row's left padding
+    (pad slots get 0: their outputs are never used)."""
+    slots_1T = (start_pos + torch.arange(T, device=device))[None]
+    if pad_B is None:
+        return slots_1T
+    return (slots_1T - pad_B[:, None]).clamp(min=0)
+
+
+def attention_mask(
+    start_pos: Position,
+    T: int,
+    S: int,
+    pad_B: torch.Tensor | None,
+    chunk: int | None,
+    device,
+    window: int | None = None,
+) -> torch.Tensor | None:
+    """``[1 or B, 1, T, S]`` bool: which of the S cached slots each of the T queries sees.
+
+    ``chunk``: only keys of the query's own chunk of positions (Llama 4). ``window``: only the
+    last ``window`` positions, the query's own included (GPT-OSS's sliding layers).
+
+    None where SDPA needs no explicit mask: no padding, positions known on the host, and
+    either a square causal step (``is_causal``) or one decode query that sees every key (an
+    all-True mask would keep SDPA off its fast kernels).
+    """
+    if (
+        isinstance(start_pos, int)
+        and pad_B is None
+        and (chunk is None or S <= chunk)
+        and (window is None or S <= window)
+    ):
+        if S == T or T == 1:
+            return None
+    q_slot_T1 = (start_pos + torch.arange(T, device=device))[:, None]
+    k_slot_S = torch.arange(S, device=device)
+    mask_BTS = (k_slot_S <= q_slot_T1)[None]  # causal; also hides slots not written yet
+    pad_B11 = 0
+    if pad_B is not None:
+        pad_B11 = pad_B[:, None, None]
+        # Not the other rows' padding; a pad query sees itself, so no row is empty (NaN).
+        mask_BTS = (mask_BTS & (k_slot_S >= pad_B11)) | (k_slot_S == q_slot_T1)
+    if chunk is not None:  # Llama 4: only keys of the query's own chunk, by position
+        mask_BTS = mask_BTS & ((k_slot_S - pad_B11) // chunk == (q_slot_T1 - pad_B11) // chunk)
+    if window is not None:  # a row's padding shifts its keys and queries alike: slots will do
+        mask_BTS = mask_BTS & (k_slot_S > q_slot_T1 - window)
+    return mask_BTS[:, None]
+
+
+def sink_attention(
+    q_BNTD: torch.Tensor,
+    k_BGSD: torch.Tensor,
+    v_BGSD: torch.Tensor,
+    mask: torch.Tensor | None,
+    sinks_N: torch.Tensor,
+) -> torch.Tensor:
+    """Causal softmax attention with a learned logit per head in the denominator (GPT-OSS's
+    attention sinks): ``softmax([q.k_s / sqrt(D) for s; sink])`` with the sink's share dropped,
+    so a head can attend to nothing.
+
+    SDPA has no such term, so the softmax is computed here, as transformers' eager path does
+    (max subtracted, in the scores' dtype). ``mask`` is ``attention_mask``'s (None: causal).
+
+    Returns:
+        ``[B, N, T, D]``, like SDPA.
+    """
+    B, N, T, D = q_BNTD.shape
+    S, repeat = k_BGSD.shape[2], N // k_BGSD.shape[1]
+    k_BNSD = k_BGSD.repeat_interleave(repeat, dim=1)
+    v_BNSD = v_BGSD.repeat_interleave(repeat, dim=1)
+    scores_BNTS = (q_BNTD @ k_BNSD.transpose(-2, -1)) * D**-0.5
+    if mask is None:  # a square causal step, or one query that sees every key
+        mask = torch.ones(T, S, dtype=torch.bool, device=q_BNTD.device).tril(S - T)
+    scores_BNTS = scores_BNTS.masked_fill(~mask, float("-inf"))
+    sinks_BNT1 = sinks_N.to(scores_BNTS.dtype).view(1, N, 1, 1).expand(B, N, T, 1)
+    logits_BNTS = torch.cat([scores_BNTS, sinks_BNT1], dim=-1)
+    logits_BNTS = logits_BNTS - logits_BNTS.max(dim=-1, keepdim=True).values
+    probs_BNTS = F.softmax(logits_BNTS, dim=-1, dtype=logits_BNTS.dtype)[..., :-1]
+    return probs_BNTS.to(v_BNSD.dtype) @ v_BNSD
+
+
 class Attention(nn.Module):
     """GQA with the variants of ``args``: q/k RMSNorm per head (Qwen3) or over the whole
-    projection (OLMoE) or none, qkv bias, q/k/v clipping, partial RoPE.
+    projection (OLMoE) or none, qkv bias, q/k/v clipping, partial RoPE, chunked or
+    sliding-window layers, attention sinks (GPT-OSS).
 
     ``n_heads`` and ``n_kv_heads`` are the heads *this module holds*; a tensor
     parallelizer that shards q/k/v column-wise sets them to the local counts.
@@ -171,11 +310,14 @@ class Attention(nn.Module):
         self.l2_eps = args.rms_norm_eps if args.qk_norm == "l2" and self.use_rope else None
         self.temperature = None if self.use_rope else args.attn_temperature
         self.chunk = args.attention_chunk_size if layer_idx in args.chunked_layers else None
+        self.window = args.sliding_window if layer_idx in args.sliding_layers else None
         H, D, bias = args.hidden_size, args.head_dim, args.qkv_bias
         self.q_proj = nn.Linear(H, args.num_heads * D, bias=bias)
         self.k_proj = nn.Linear(H, args.num_kv_heads * D, bias=bias)
         self.v_proj = nn.Linear(H, args.num_kv_heads * D, bias=bias)
         self.o_proj = nn.Linear(args.num_heads * D, H, bias=args.o_bias)
+        # One per head: a tensor parallelizer splits it with the heads.
+        self.sinks = nn.Parameter(torch.zeros(args.num_heads)) if args.attention_sinks else None
         self.q_norm: RMSNorm | None = None
         self.k_norm: RMSNorm | None = None
         if args.qk_norm == "head":  # over head_dim: per head, unchanged under TP
@@ -205,7 +347,7 @@ class Attention(nn.Module):
         x_BTH: torch.Tensor,
         cos_TR: torch.Tensor,
         sin_TR: torch.Tensor,
-        start_pos: int = 0,
+        start_pos: Position = 0,
         cache: KVCache | None = None,
     ) -> torch.Tensor:
         B, T, _ = x_BTH.shape
@@ -220,38 +362,30 @@ class Attention(nn.Module):
             k_BGSD = apply_rope(k_BGSD, cos_TR, sin_TR, self.rope_interleaved)
         if self.l2_eps is not None:
             q_BNTD, k_BGSD = l2_norm(q_BNTD, self.l2_eps), l2_norm(k_BGSD, self.l2_eps)
+        pad_B = cache.pad_B if cache is not None else None
         if self.temperature is not None:
             floor_scale, attn_scale = self.temperature
-            pos_T = torch.arange(start_pos, start_pos + T, device=x_BTH.device).float()
-            scale_T = torch.log1p(torch.floor((pos_T + 1.0) / floor_scale)) * attn_scale + 1.0
-            q_BNTD = (q_BNTD * scale_T[:, None]).to(q_BNTD.dtype)
+            pos_BT = token_positions(start_pos, T, pad_B, x_BTH.device).float()
+            scale_BT = torch.log1p(torch.floor((pos_BT + 1.0) / floor_scale)) * attn_scale + 1.0
+            q_BNTD = (q_BNTD * scale_BT[:, None, :, None]).to(q_BNTD.dtype)
         if cache is not None:
             k_BGSD, v_BGSD = cache.update(self.layer_idx, start_pos, k_BGSD, v_BGSD)
         S = k_BGSD.shape[2]
-        if self.chunk is not None and S > self.chunk:
-            # Chunked attention (Llama 4): a query sees only keys of its own chunk.
-            q_pos_T1 = torch.arange(S - T, S, device=x_BTH.device)[:, None]
-            k_pos_S = torch.arange(S, device=x_BTH.device)[None, :]
-            mask_TS = (k_pos_S <= q_pos_T1) & (k_pos_S // self.chunk == q_pos_T1 // self.chunk)
-            out_BNTD = F.scaled_dot_product_attention(
-                q_BNTD, k_BGSD, v_BGSD, attn_mask=mask_TS, enable_gqa=True
-            )
-        elif S == T:
-            # No past keys: the square causal mask is SDPA's own (and its fast path).
-            out_BNTD = F.scaled_dot_product_attention(
-                q_BNTD, k_BGSD, v_BGSD, is_causal=True, enable_gqa=True
-            )
-        elif T == 1:
-            # One decode step: the newest query sees every key, so no mask (an all-True one
-            # would keep SDPA off its fast kernels).
-            out_BNTD = F.scaled_dot_product_attention(q_BNTD, k_BGSD, v_BGSD, enable_gqa=True)
+        if cache is not None:
+            mask = cache.attention_mask(start_pos, T, S, self.chunk, self.window, x_BTH.device)
         else:
-            # With a cache, query t sits at absolute position S - T + t and may see
-            # keys up to it; SDPA's is_causal aligns top-left, which is wrong here.
-            q_pos_T1 = torch.arange(S - T, S, device=x_BTH.device)[:, None]
-            mask_TS = torch.arange(S, device=x_BTH.device)[None, :] <= q_pos_T1
+            mask = attention_mask(start_pos, T, S, None, self.chunk, x_BTH.device, self.window)
+        if self.sinks is not None:
+            out_BNTD = sink_attention(q_BNTD, k_BGSD, v_BGSD, mask, self.sinks)
+        else:
+            # With no mask, a square step is causal (SDPA's own, fast, top-left aligned mask).
             out_BNTD = F.scaled_dot_product_attention(
-                q_BNTD, k_BGSD, v_BGSD, attn_mask=mask_TS, enable_gqa=True
+                q_BNTD,
+                k_BGSD,
+                v_BGSD,
+                attn_mask=mask,
+                is_causal=mask is None and S == T > 1,
+                enable_gqa=True,
             )
         return self.o_proj(out_BNTD.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
@@ -276,7 +410,8 @@ class Router(nn.Module):
     OLMoE). "sigmoid": sigmoid scores; the choice adds ``e_score_correction_bias`` and
     may be limited to the best ``topk_group`` of ``n_group`` expert groups; the weights
     are the chosen scores, optionally renormalised, times ``routed_scaling_factor``
-    (GLM-4.5, DeepSeek-V3).
+    (GLM-4.5, DeepSeek-V3). "topk_softmax": the top-k logits (the router Linear may have a
+    ``bias``), softmax over those k (GPT-OSS).
     """
 
     def __init__(self, args: ModelArgs) -> None:
@@ -288,6 +423,7 @@ class Router(nn.Module):
         self.scaling = args.routed_scaling_factor
         self.weight = nn.Parameter(torch.empty(args.num_experts, args.hidden_size))
         nn.init.normal_(self.weight, std=0.02)
+        self.bias = nn.Parameter(torch.zeros(args.num_experts)) if args.router_logit_bias else None
         if args.router_bias:  # a buffer, as in transformers: loaded, never trained
             self.register_buffer("e_score_correction_bias", torch.zeros(args.num_experts))
         else:
@@ -297,9 +433,17 @@ class Router(nn.Module):
         """Returns ``(topk_ids_TK, topk_weights_TK)``; weights in ``x_TH``'s dtype."""
         if self.kind == "sigmoid":
             ids_TK, weights_TK = self._sigmoid(x_TH)
+        elif self.kind == "topk_softmax":
+            ids_TK, weights_TK = self._topk_softmax(x_TH)
         else:
             ids_TK, weights_TK = self._softmax(x_TH)
         return ids_TK, weights_TK.to(x_TH.dtype)
+
+    def _topk_softmax(self, x_TH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # transformers (GPT-OSS): logits and the softmax over the chosen in the model dtype.
+        logits_TE = F.linear(x_TH, self.weight, self.bias)
+        values_TK, ids_TK = torch.topk(logits_TE, self.top_k, dim=-1)
+        return ids_TK, F.softmax(values_TK, dim=-1, dtype=values_TK.dtype)
 
     def _softmax(self, x_TH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # transformers 5.23: logits in the model dtype, softmax and renormalisation
@@ -331,28 +475,72 @@ class Router(nn.Module):
         return ids_TK, weights_TK * self.scaling
 
 
-def _use_grouped_mm(x: torch.Tensor) -> bool:
+def grouped_mm_runs(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether experts run as ``torch._grouped_mm`` with device-side offsets (no host sync),
+    rather than a loop over host-side counts."""
     # grouped_mm kernels are CUDA bf16 on SM80+; on CPU the kernel exists but its
     # backward fails for experts that got no tokens (torch 2.13), so CPU loops.
     return (
-        x.is_cuda
-        and x.dtype == torch.bfloat16
+        device.type == "cuda"
+        and dtype == torch.bfloat16
         and hasattr(torch, "_grouped_mm")
-        and torch.cuda.get_device_capability(x.device) >= (8, 0)
+        and torch.cuda.get_device_capability(device) >= (8, 0)
     )
 
 
 def _grouped_linear(
-    x: torch.Tensor, weight_in_out: torch.Tensor, offsets_E: torch.Tensor
+    x: torch.Tensor,
+    weight_in_out: torch.Tensor,
+    offsets_E: torch.Tensor,
+    bias_E: torch.Tensor | None = None,
+    expert_M: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``x [M, in]`` row group e times ``weight_in_out[e]`` (``[E, in, out]``): a Linear per expert."""
+    """``x [M, in]`` row group e times ``weight_in_out[e]`` (``[E, in, out]``), plus
+    ``bias_E[e]`` (``[E, out]``; ``expert_M`` names each row's expert): a Linear per expert."""
     grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm
-    return grouped_mm(x, weight_in_out, offs=offsets_E)
+    y = grouped_mm(x, weight_in_out, offs=offsets_E)
+    return y if bias_E is None else y + bias_E[expert_M]
 
 
-def _looped_linear(x: torch.Tensor, weight_in_out: torch.Tensor, counts: list[int]) -> torch.Tensor:
+def _looped_linear(
+    x: torch.Tensor,
+    weight_in_out: torch.Tensor,
+    counts: list[int],
+    bias_E: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Same as ``_grouped_linear`` with host-side counts, one matmul per expert."""
-    return torch.cat([x_e @ weight_in_out[e] for e, x_e in enumerate(x.split(counts))])
+    if bias_E is None:
+        return torch.cat([x_e @ weight_in_out[e] for e, x_e in enumerate(x.split(counts))])
+    return torch.cat([x_e @ weight_in_out[e] + bias_E[e] for e, x_e in enumerate(x.split(counts))])
+
+
+@dataclass(frozen=True)
+class GatedActivation:
+    """An expert's ``[M, 2I]`` gate/up outputs -> ``[M, I]``.
+
+    ``interleaved``: gate and up alternate column by column (GPT-OSS), else all gates then
+    all ups. ``limit``: GPT-OSS's clamped SwiGLU, ``(clamp(up, -limit, limit) + 1) * g *
+    sigmoid(alpha * g)`` with ``g = clamp(gate, max=limit)``; None: ``silu(gate) * up``.
+    Either way a TP slice of matching gate and up columns maps to the same slice of I.
+    """
+
+    interleaved: bool = False
+    limit: float | None = None
+    alpha: float = 1.702
+
+    def __call__(self, gate_up_MI: torch.Tensor) -> torch.Tensor:
+        if self.interleaved:
+            gate_MI, up_MI = gate_up_MI[..., 0::2], gate_up_MI[..., 1::2]
+        else:
+            gate_MI, up_MI = gate_up_MI.chunk(2, dim=-1)
+        if self.limit is None:
+            return F.silu(gate_MI) * up_MI
+        gate_MI = gate_MI.clamp(max=self.limit)
+        up_MI = up_MI.clamp(-self.limit, self.limit)
+        return (up_MI + 1) * (gate_MI * torch.sigmoid(gate_MI * self.alpha))
+
+
+SWIGLU = GatedActivation()
 
 
 def grouped_expert_mlp(
@@ -361,6 +549,10 @@ def grouped_expert_mlp(
     gate_up_EIH: torch.Tensor,
     down_EHI: torch.Tensor,
     transposed: bool = False,
+    *,
+    act: GatedActivation = SWIGLU,
+    gate_up_bias_EI: torch.Tensor | None = None,
+    down_bias_EH: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """SwiGLU of each expert over its contiguous block of rows.
 
@@ -378,6 +570,8 @@ def grouped_expert_mlp(
         gate_up_EIH: ``[E, 2I, H]`` gate rows then up rows.
         down_EHI: ``[E, H, I]``.
         transposed: the weights are stored ``[E, H, 2I]`` and ``[E, I, H]`` instead (Llama 4).
+        act: how gate and up combine (``GatedActivation``; plain SwiGLU by default).
+        gate_up_bias_EI / down_bias_EH: per-expert biases ``[E, 2I]`` / ``[E, H]`` (GPT-OSS).
 
     Returns:
         ``[M, H]`` expert outputs, unweighted, in the same row order.
@@ -392,13 +586,24 @@ def grouped_expert_mlp(
     gate_up, down = gate_up_EIH, down_EHI
     if not transposed:
         gate_up, down = gate_up.transpose(-2, -1), down.transpose(-2, -1)
-    if _use_grouped_mm(x_MH):
+    if grouped_mm_runs(x_MH.device, x_MH.dtype):
         offsets_E = torch.cumsum(counts_E, dim=0, dtype=torch.int32)
-        gate_MI, up_MI = _grouped_linear(x_MH, gate_up, offsets_E).chunk(2, dim=-1)
-        return _grouped_linear(F.silu(gate_MI) * up_MI, down, offsets_E)
+        expert_M = None
+        if gate_up_bias_EI is not None or down_bias_EH is not None:
+            # Each row's expert; output_size keeps repeat_interleave off the host.
+            experts_E = torch.arange(len(counts_E), device=x_MH.device)
+            expert_M = experts_E.repeat_interleave(counts_E, output_size=x_MH.shape[0])
+        h_MI = act(_grouped_linear(x_MH, gate_up, offsets_E, gate_up_bias_EI, expert_M))
+        return _grouped_linear(h_MI, down, offsets_E, down_bias_EH, expert_M)
     counts = counts_E.tolist()
-    gate_MI, up_MI = _looped_linear(x_MH, gate_up, counts).chunk(2, dim=-1)
-    return _looped_linear(F.silu(gate_MI) * up_MI, down, counts)
+    h_MI = act(_looped_linear(x_MH, gate_up, counts, gate_up_bias_EI))
+    return _looped_linear(h_MI, down, counts, down_bias_EH)
+
+
+def expert_counts(ids_M: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """``[E]`` rows routed to each expert. Not ``bincount``: on CUDA it reads the largest id on
+    the host, a sync per MoE layer that also keeps a step out of a CUDA graph."""
+    return ids_M.new_zeros(num_experts).index_add_(0, ids_M, torch.ones_like(ids_M))
 
 
 class Experts(nn.Module):
@@ -415,12 +620,23 @@ class Experts(nn.Module):
         E, H, inter = args.num_experts, args.hidden_size, args.moe_intermediate_size
         self.transposed = args.experts_transposed
         self.scale_input = args.expert_input_scaling
+        self.act = GatedActivation(args.experts_interleaved, args.swiglu_limit, args.swiglu_alpha)
+        bias = args.expert_bias
+        # Registered in transformers' order: each weight, then its bias (GPT-OSS).
         if self.transposed:
             self.gate_up_proj = nn.Parameter(torch.empty(E, H, 2 * inter))
-            self.down_proj = nn.Parameter(torch.empty(E, inter, H))
         else:
             self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * inter, H))
+        self.gate_up_proj_bias = nn.Parameter(torch.zeros(E, 2 * inter)) if bias else None
+        if self.transposed:
+            self.down_proj = nn.Parameter(torch.empty(E, inter, H))
+        else:
             self.down_proj = nn.Parameter(torch.empty(E, H, inter))
+        self.down_proj_bias = nn.Parameter(torch.zeros(E, H)) if bias else None
+        # How much of down_proj_bias this module adds: 1, or 0 on all but one rank of a group
+        # whose partial outputs (an I-slice each) are summed, so the bias enters the sum once.
+        # 0 * bias rather than no bias: every rank's bias then has a gradient to sum.
+        self.down_bias_share = 1.0
         nn.init.normal_(self.gate_up_proj, std=0.02)
         nn.init.normal_(self.down_proj, std=0.02)
 
@@ -440,13 +656,23 @@ class Experts(nn.Module):
         T, K = topk_ids_TK.shape
         ids_M = topk_ids_TK.reshape(-1)
         order_M = torch.argsort(ids_M, stable=True)
-        counts_E = torch.bincount(ids_M, minlength=self.gate_up_proj.shape[0])
+        counts_E = expert_counts(ids_M, self.gate_up_proj.shape[0])
         x_MH = x_TH[order_M // K]
         if self.scale_input:  # Llama 4 weights the experts' input; its experts have no bias
             x_MH = x_MH * topk_weights_TK.reshape(-1, 1)[order_M]
             topk_weights_TK = torch.ones_like(topk_weights_TK)
+        down_bias_EH = self.down_proj_bias
+        if down_bias_EH is not None and self.down_bias_share != 1.0:
+            down_bias_EH = down_bias_EH * self.down_bias_share
         y_MH = grouped_expert_mlp(
-            x_MH, counts_E, self.gate_up_proj, self.down_proj, transposed=self.transposed
+            x_MH,
+            counts_E,
+            self.gate_up_proj,
+            self.down_proj,
+            transposed=self.transposed,
+            act=self.act,
+            gate_up_bias_EI=self.gate_up_proj_bias,
+            down_bias_EH=down_bias_EH,
         )
         # Un-sort and sum over k instead of index_add_: same result, but
         # deterministic on CUDA (no atomics) and every token gets exactly K rows.
@@ -499,7 +725,12 @@ class MoE(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, args: ModelArgs, layer_idx: int) -> None:
         super().__init__()
-        self.self_attn = Attention(args, layer_idx)
+        if args.mla is not None:
+            from reshard.runtime.mla import MLAttention  # mla.py builds on this module's blocks
+
+            self.self_attn: nn.Module = MLAttention(args, layer_idx)
+        else:
+            self.self_attn = Attention(args, layer_idx)
         self.mlp_name = args.mlp_name  # `mlp`, or `feed_forward` (Llama 4)
         if args.is_moe_layer(layer_idx):
             self.add_module(self.mlp_name, MoE(args))
@@ -515,7 +746,7 @@ class DecoderLayer(nn.Module):
         x_BTH: torch.Tensor,
         cos_TR: torch.Tensor,
         sin_TR: torch.Tensor,
-        start_pos: int = 0,
+        start_pos: Position = 0,
         cache: KVCache | None = None,
     ) -> torch.Tensor:
         h_BTH = x_BTH + self.self_attn(
@@ -536,16 +767,24 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
     def forward(
-        self, input_ids_BT: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None
+        self, input_ids_BT: torch.Tensor, start_pos: Position = 0, cache: KVCache | None = None
     ) -> torch.Tensor:
         h_BTH = self.embed_tokens(input_ids_BT)
-        positions_T = torch.arange(
-            start_pos, start_pos + input_ids_BT.shape[1], device=h_BTH.device
-        )
         args = self.args
-        cos_TR, sin_TR = rope_cos_sin(
-            positions_T, args.rotary_dim, args.rope_theta, h_BTH.dtype, args.rope_interleaved
+        pad_B = None
+        if cache is not None:
+            cache.begin_step()
+            pad_B = cache.pad_B
+        positions_BT = token_positions(start_pos, input_ids_BT.shape[1], pad_B, h_BTH.device)
+        cos_BTR, sin_BTR = rope_cos_sin(
+            positions_BT,
+            args.rotary_dim,
+            args.rope_theta,
+            h_BTH.dtype,
+            args.rope_interleaved,
+            yarn=args.yarn,
         )
+        cos_TR, sin_TR = cos_BTR[:, None], sin_BTR[:, None]  # [B, 1, T, R]: broadcast over heads
         for layer in self.layers:
             h_BTH = layer(h_BTH, cos_TR, sin_TR, start_pos, cache)
         return self.norm(h_BTH)
@@ -571,7 +810,7 @@ class CausalLM(nn.Module):
     def forward(
         self,
         input_ids_BT: torch.Tensor,
-        start_pos: int = 0,
+        start_pos: Position = 0,
         cache: KVCache | None = None,
         *,
         logits_from: int = 0,
@@ -579,9 +818,9 @@ class CausalLM(nn.Module):
         """Logits for ``input_ids_BT`` placed at positions ``start_pos ...``.
 
         Args:
-            input_ids_BT: ``[B, T]`` token ids (no padding).
-            start_pos: absolute position of the first token; with a cache, the
-                number of tokens already in it.
+            input_ids_BT: ``[B, T]`` token ids (rows left-padded as ``cache.pad_B`` says).
+            start_pos: the cache slot of the first token (the number of tokens already in the
+                cache); an int, or a 0-d device tensor for a step of static shapes.
             cache: keys/values of earlier steps, updated in place.
             logits_from: the first of the T tokens to compute logits for: generation
                 needs only the last (``T - 1``), which spares the lm_head (and, under TP,
@@ -637,6 +876,7 @@ __all__ = [
     "CausalLM",
     "DecoderLayer",
     "Experts",
+    "GatedActivation",
     "KVCache",
     "MLP",
     "MoE",
@@ -648,4 +888,5 @@ __all__ = [
     "causal_lm_loss",
     "grouped_expert_mlp",
     "rope_cos_sin",
+    "sink_attention",
 ]

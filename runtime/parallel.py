@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from reshard.errors import CheckpointError
@@ -42,6 +43,7 @@ from reshard.layout import Layout
 from reshard.placements import Placement, Replicate, Shard, StridedShard
 from reshard.plan import ParamPlan
 from reshard.runtime import collectives as C
+from reshard.runtime.mla import MLAttention
 from reshard.runtime.model import MLP, CausalLM, MoE, RMSNorm
 
 
@@ -334,22 +336,59 @@ class _Placements:
             )
 
 
+def _row_bias_once(pm: ParallelModel, linear: nn.Linear, group: C.Group) -> None:
+    """A row-parallel Linear's bias is whole on every rank, while its output is a partial sum
+    that `group` adds up: rank 0 of the group adds the bias, the others add 0 x bias (so that
+    every rank's bias has a gradient, summed over the group after backward)."""
+    if C.group_size(group) <= 1:
+        return
+    pm.grad_groups.append((linear.bias, group))
+    if C.group_rank(group) != 0:
+        linear.forward = lambda x: F.linear(x, linear.weight, linear.bias * 0)
+
+
 def _sum_norm_statistic(norm: RMSNorm, group: C.Group) -> None:
     """A norm over a dim split across `group`: the mean of squares over the whole dim."""
     full = norm.weight.shape[0] * C.group_size(group)
     norm.mean_square = lambda x32: C.sum_over(x32.pow(2).sum(-1, keepdim=True), group) / full
 
 
+def _parallel_mla(
+    pm: ParallelModel, P: _Placements, attn: MLAttention, prefix: str, sp: bool
+) -> None:
+    """MLA by heads (vLLM, SGLang): the per-head up-projections split by rows, o_proj by
+    columns; the low-rank down-projections and their norms whole on every rank."""
+    per_head = ["q_proj", "q_b_proj", "kv_b_proj", "o_proj"]
+    low_rank = ["q_a_proj", "q_a_layernorm", "kv_a_proj_with_mqa", "kv_a_layernorm"]
+    P.split_alike([f"{prefix}{n}.weight" for n in low_rank], "tp")  # any split is refused
+    if not P.split_alike([f"{prefix}{n}.weight" for n in per_head], "tp", Shard):
+        return
+    attn.n_heads = attn.kv_b_proj.weight.shape[0] // (attn.nope_dim + attn.v_dim)
+    _tp_region(attn, pm.groups, sp)
+    # Whole on every rank, yet each rank's backward reached them through its own heads only.
+    for name in low_rank:
+        module = getattr(attn, name)
+        if module is not None:
+            pm.grad_groups.append((module.weight, pm.groups.tp))
+
+
 def _parallel_attention(
     pm: ParallelModel, P: _Placements, attn: nn.Module, prefix: str, head_repeat: int, sp: bool
 ) -> None:
+    if isinstance(attn, MLAttention):
+        return _parallel_mla(pm, P, attn, prefix, sp)
     groups = pm.groups
     projections = [f"{prefix}{p}_proj.{k}" for p in "qkv" for k in ("weight", "bias")]
-    split = P.split_alike([*projections, f"{prefix}o_proj.weight"], "tp", Shard)
+    # Attention sinks (one per query head) split with the heads.
+    per_head = [*projections, f"{prefix}o_proj.weight", f"{prefix}sinks"]
+    split = P.split_alike(per_head, "tp", Shard)
+    P.split_alike([f"{prefix}o_proj.bias"], "tp")  # whole on every rank: a split is refused
     if split:
         attn.n_heads = attn.q_proj.weight.shape[0] // attn.head_dim
         attn.n_kv_heads = attn.k_proj.weight.shape[0] // attn.head_dim
         _tp_region(attn, groups, sp)
+        if attn.o_proj.bias is not None:
+            _row_bias_once(pm, attn.o_proj, groups.tp)
         if head_repeat > 1:
             pm.grad_groups += [
                 (p, groups.kv) for p in (*attn.k_proj.parameters(), *attn.v_proj.parameters())
@@ -372,19 +411,32 @@ def _parallel_moe(
 ) -> None:
     groups, layout = pm.groups, pm.groups.layout
     experts = [f"{prefix}experts.gate_up_proj", f"{prefix}experts.down_proj"]
-    for name in experts:
+    gate_up_bias, down_bias = (
+        f"{prefix}experts.gate_up_proj_bias",
+        f"{prefix}experts.down_proj_bias",
+    )
+    biases = [n for n in (gate_up_bias, down_bias) if n in P.params]
+    for name in experts + biases:
         dims = tuple(d for d in layout.mesh_dim_names if P.on(name, d) == Shard(0))
         if dims != layout.expert_dims:
             raise CheckpointError(
                 f"{name}: experts split over {dims or 'no dims'}, layout "
                 f"{layout.name} runs them over {layout.expert_dims or 'none'}"
             )
-    expert_tp = "tp" not in layout.expert_dims and P.split_alike(experts, "tp", StridedShard, Shard)
+    expert_tp = "tp" not in layout.expert_dims and P.split_alike(
+        [*experts, gate_up_bias], "tp", StridedShard, Shard
+    )
+    if expert_tp:
+        _check_gate_up_split(P, experts[0], moe.experts.act.interleaved)
+    _down_bias_once(pm, P, moe, down_bias, expert_tp)
     pm.moe_hooks.append(_MoEHooks(moe, groups, groups.tp if expert_tp else None, real_tokens))
     router = f"{prefix}{moe.router_name}."
-    P.split_alike([f"{router}weight", f"{router}e_score_correction_bias"], "tp")
+    P.split_alike([f"{router}weight", f"{router}bias", f"{router}e_score_correction_bias"], "tp")
     if C.group_size(groups.ep) > 1:
-        pm.grad_groups.append((moe.router.weight, groups.ep))  # it saw only this rank's chunk
+        # They saw only this rank's chunk of the tokens.
+        pm.grad_groups.append((moe.router.weight, groups.ep))
+        if moe.router.bias is not None:
+            pm.grad_groups.append((moe.router.bias, groups.ep))
     if moe.shared_name is not None:
         shared = getattr(moe, moe.shared_name)
         names = [f"{prefix}{moe.shared_name}.{p}_proj.weight" for p in ("gate", "up", "down")]
@@ -394,6 +446,33 @@ def _parallel_moe(
         P.split_alike([f"{prefix}shared_expert_gate.weight"], "tp")
         if layout.sp:  # it saw only this rank's part of the sequence
             pm.grad_groups.append((moe.shared_expert_gate.weight, groups.tp))
+
+
+def _down_bias_once(
+    pm: ParallelModel, P: _Placements, moe: MoE, name: str, expert_tp: bool
+) -> None:
+    """`down_proj_bias` (GPT-OSS) is whole over tp. With expert TP each rank's experts give a
+    partial sum over its I-slice, so the bias enters the sum once: on tp rank 0 (its gradient
+    summed over tp), as `_row_bias_once` does for a Linear."""
+    if "tp" not in pm.groups.layout.expert_dims:
+        P.split_alike([name], "tp")  # a split is refused
+    if expert_tp and moe.experts.down_proj_bias is not None:
+        pm.grad_groups.append((moe.experts.down_proj_bias, pm.groups.tp))
+        moe.experts.down_bias_share = 1.0 if C.group_rank(pm.groups.tp) == 0 else 0.0
+
+
+def _check_gate_up_split(P: _Placements, name: str, interleaved: bool) -> None:
+    """gate_up_proj's tp split must give a rank the gate and up columns of the I-slice its
+    down_proj rows hold: the strided [gate_r; up_r] halves, or, where gate and up alternate
+    (GPT-OSS), one contiguous block of pairs."""
+    want = Shard if interleaved else StridedShard
+    placement = P.on(name, "tp")
+    if not isinstance(placement, want):
+        order = "alternate" if interleaved else "are [gates; ups]"
+        raise CheckpointError(
+            f"{name}: {placement} on tp does not match down_proj's I-slice (gate and up "
+            f"columns {order} in this model); the runtime runs {want.__name__} there"
+        )
 
 
 def parallelize(

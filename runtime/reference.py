@@ -70,7 +70,12 @@ def streamed_reference(source: Source, ids_BT: torch.Tensor, out: Path) -> None:
 
     B, T = ids_BT.shape
     cos_TD, sin_TD = rope_cos_sin(
-        torch.arange(T), args.rotary_dim, args.rope_theta, torch.float32, args.rope_interleaved
+        torch.arange(T),
+        args.rotary_dim,
+        args.rope_theta,
+        torch.float32,
+        args.rope_interleaved,
+        yarn=args.yarn,
     )
     with ShardWriter(out, _entries(order, ids_BT, args.vocab_size)) as writer:
         writer.write("input_ids", ids_BT)
@@ -118,7 +123,13 @@ def transformers_reference(source: Source, ids_BT: torch.Tensor, out: Path) -> N
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    model = AutoModelForCausalLM.from_pretrained(str(source.path), dtype=torch.float32)
+    kwargs = {}
+    if (source.config.get("quantization_config") or {}).get("quant_method") == "mxfp4":
+        from transformers import Mxfp4Config
+
+        # Dequantized on load: transformers' MXFP4 kernels need a GPU (or accelerate, kernels).
+        kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
+    model = AutoModelForCausalLM.from_pretrained(str(source.path), dtype=torch.float32, **kwargs)
     out_ = model(input_ids=ids_BT, labels=ids_BT)
     out_.loss.backward()
     named = [(n, p) for n, p in model.named_parameters()]

@@ -54,7 +54,7 @@ class TextCodec:
     ) -> list[int]:
         """The prompt's ids; refuse an empty prompt or one that leaves no room to generate."""
         if not prompt.strip():
-            raise CheckpointError("--prompt is empty; give some text to continue")
+            raise CheckpointError("a prompt is empty; give some text to continue")
         ids = self.encode(prompt, chat=chat)
         if len(ids) + max_new_tokens > context:
             raise CheckpointError(
@@ -112,6 +112,39 @@ class StreamDecoder:
         delta = text[len(self.shown) :] if text.startswith(self.shown) else text
         self.shown = text
         return delta
+
+
+def read_prompt_file(path: str | Path) -> list[str]:
+    """The prompts of a file: one per line, or JSONL (``{"prompt": "..."}`` or a JSON string per
+    line). Blank lines are skipped; a file without prompts is refused.
+
+    >>> read_prompt_file("prompts.jsonl")  # doctest: +SKIP
+    ['Why is the sky blue?', 'Name three rivers.']
+    """
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"--prompt-file {path}: cannot read it ({e})") from e
+    jsonl = path.suffix == ".jsonl"
+    prompts = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if not jsonl:
+            prompts.append(line)
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{path}:{number}: not JSON ({e.msg})") from e
+        prompt = item.get("prompt") if isinstance(item, dict) else item
+        if not isinstance(prompt, str):
+            raise CheckpointError(f'{path}:{number}: expected {{"prompt": "..."}} or a JSON string')
+        prompts.append(prompt)
+    if not prompts:
+        raise CheckpointError(f"--prompt-file {path}: no prompts in it")
+    return prompts
 
 
 def _read(path: Path) -> dict:

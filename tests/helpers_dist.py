@@ -179,3 +179,23 @@ def run_on_ranks(
     if missing:
         raise TimeoutError(f"ranks {missing} of {world_size} did not finish in {timeout_s:.0f}s")
     return [pickle.loads(got[r][1]) for r in range(world_size)]
+
+
+def quantized_rank_logits(rank: int, world: int, directory: str, ids) -> dict:
+    """A rank's logits for `ids`, and what its experts hold (the quantized tensor behind the
+    parametrization) and read (the dequantized value): for run_on_ranks."""
+    import torch
+
+    from reshard.checkpoint import ShardedCheckpoint
+    from reshard.runtime.load import load_parallel_model
+
+    pm = load_parallel_model(ShardedCheckpoint(directory), rank, device=torch.device("cpu"))
+    experts = next(m for n, m in pm.model.named_modules() if n.endswith("mlp.experts"))
+    with torch.no_grad():
+        logits = pm.model(ids)
+    return {
+        "logits": logits,
+        "held": experts.parametrizations.gate_up_proj.original.dtype,
+        "reads": experts.gate_up_proj.dtype,
+        "shape": tuple(experts.gate_up_proj.shape),
+    }

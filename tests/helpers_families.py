@@ -21,6 +21,7 @@ What transformers 5.24 does with these models (checked by tests/test_helpers_fam
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -154,6 +155,45 @@ FAMILIES: dict[str, FamilyCase] = {
                 "partial_rotary_factor": 0.5,
             },
         ),
+        # GLM-4.5's MoE (as above) behind multi-head latent attention: q through a low-rank
+        # pair, keys and values from a latent, nope / rope / v head dims all different, rope
+        # dims interleaved; 8 kv heads, as MLA has one key per head. YaRN stretches RoPE 4x
+        # (original context 256: frequencies 0-3 blend, 4-7 interpolate); mscale_all_dim differs
+        # from mscale so both the cos/sin scale and the softmax scale move.
+        _case(
+            "deepseek_v3",
+            "DeepseekV3Config",
+            "model.layers.{layer}.mlp.experts.0.gate_proj.weight",
+            first_moe_layer=1,
+            num_key_value_heads=8,
+            num_hidden_layers=3,
+            n_routed_experts=8,
+            n_group=2,
+            topk_group=1,
+            n_shared_experts=1,
+            first_k_dense_replace=1,
+            moe_intermediate_size=32,
+            intermediate_size=96,
+            routed_scaling_factor=2.5,
+            norm_topk_prob=True,
+            q_lora_rank=32,
+            kv_lora_rank=20,
+            qk_nope_head_dim=12,
+            qk_rope_head_dim=16,
+            v_head_dim=10,
+            rope_interleave=True,
+            max_position_embeddings=1024,
+            rope_parameters={
+                "rope_type": "yarn",
+                "rope_theta": 10000.0,
+                "factor": 4.0,
+                "original_max_position_embeddings": 256,
+                "beta_fast": 32.0,
+                "beta_slow": 1.0,
+                "mscale": 1.0,
+                "mscale_all_dim": 0.8,
+            },
+        ),
         # Already-fused experts stored [E, H, 2I] / [E, I, H], top-1 sigmoid router scaling the
         # experts' input, a shared expert, MoE on layers 1 and 3 (dense 0 and 2), layer 3
         # without RoPE (temperature-tuned queries, floor_scale 4 so it matters at 19 tokens),
@@ -172,6 +212,32 @@ FAMILIES: dict[str, FamilyCase] = {
             intermediate_size_mlp=96,
             attention_chunk_size=8,
             floor_scale=4,
+        ),
+        # Already-fused experts stored [E, H, 2I] / [E, I, H] with gate and up columns
+        # alternating, expert biases, a router with a bias (top-k logits, then softmax), the
+        # clamped SwiGLU (limit 2: it clips a good share of gate and up values here), attention
+        # sinks, q/k/v/o biases, a sliding window of 4 on layers 0 and 2 (the prompts here cross
+        # it) and full attention on layer 1, YaRN stretching RoPE 4x (original context 32).
+        # intermediate_size 64: two MXFP4 blocks of 32, so an MXFP4 copy splits over expert tp2.
+        _case(
+            "gpt_oss",
+            "GptOssConfig",
+            "model.layers.{layer}.mlp.experts.gate_up_proj",
+            head_dim=16,
+            num_hidden_layers=3,
+            num_local_experts=8,
+            intermediate_size=64,
+            sliding_window=4,
+            swiglu_limit=2.0,
+            rope_parameters={
+                "rope_type": "yarn",
+                "rope_theta": 150000.0,
+                "factor": 4.0,
+                "original_max_position_embeddings": 32,
+                "beta_fast": 32.0,
+                "beta_slow": 1.0,
+                "truncate": False,
+            },
         ),
     )
 }
@@ -240,16 +306,22 @@ def write_byte_tokenizer(directory: Path) -> None:
     tokenizer.save(str(directory / "tokenizer.json"))
 
 
-def build_model(model_type: str, *, seed: int = 0) -> torch.nn.Module:
+def build_model(
+    model_type: str, *, seed: int = 0, overrides: dict[str, Any] | None = None
+) -> torch.nn.Module:
     """The in-memory model `write_checkpoint(model_type, seed=seed)` saves, rebuilt bit for bit.
 
     `AutoModelForCausalLM.from_config` in float32, then every saved tensor redrawn from `seed`
     (see `_redraw`): nothing depends on the global RNG, so tests can compare a reloaded
     checkpoint with the model that was written without keeping that model around.
+    `overrides` replaces config kwargs (a variant of the family, e.g. another RoPE).
     """
     import transformers
 
-    config = FAMILIES[model_type].config()
+    case = FAMILIES[model_type]
+    if overrides:
+        case = dataclasses.replace(case, kwargs={**case.kwargs, **overrides})
+    config = case.config()
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     _redraw(model, seed)
     return model.eval()

@@ -33,14 +33,14 @@ from reshard.converters import get_spec, supported_model_types
 from reshard.errors import CheckpointError
 from reshard.layout import Layout
 from reshard.manifest import load_manifest
-from reshard.placements import Replicate, Shard
+from reshard.placements import Replicate, Shard, StridedShard
 from reshard.runtime.model import CausalLM, causal_lm_loss, meta_model
 from reshard.runtime.parallel import ParallelGroups, parallelize
 from reshard.sources import open_source
 
 pytest.importorskip("transformers")
 
-NEW = ["qwen2_moe", "mixtral", "olmoe", "glm4_moe", "llama4_text"]
+NEW = ["qwen2_moe", "mixtral", "olmoe", "glm4_moe", "llama4_text", "deepseek_v3", "gpt_oss"]
 LAYOUTS = ["tp2", "ep2tp2", "tp4-tp2ep"]
 
 
@@ -99,18 +99,115 @@ def test_single_device_model_matches_transformers(model_type, written):
         assert (mine[name].grad - p.grad).abs().max().item() < 1e-5, name
 
 
+# YaRN, with its blend range inside the rotary dims (original context 64: some frequencies kept,
+# some blended, the rest divided by 4) and its cos/sin scale (0.1 ln 4 + 1) on.
+YARN = {
+    "rope_type": "yarn",
+    "rope_theta": 10000.0,
+    "factor": 4.0,
+    "original_max_position_embeddings": 64,
+    "beta_fast": 32.0,
+    "beta_slow": 1.0,
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(set(FAMILIES) - {"deepseek_v3"}))
+def test_yarn_rope_matches_transformers(model_type):
+    """YaRN runs through the RoPE tables every family shares (deepseek_v3's case has it on
+    already): each family's logits with YaRN on match transformers', and differ from plain RoPE."""
+    rope = {**FAMILIES[model_type].kwargs.get("rope_parameters", {}), **YARN}
+    hf = build_model(
+        model_type, overrides={"rope_parameters": rope, "max_position_embeddings": 256}
+    )
+    assert hf.model.rotary_emb.attention_scaling > 1
+    args = get_spec(model_type).parse_config(hf.config.to_dict())
+    assert args.yarn is not None
+    ours = CausalLM(args).eval()
+    ours.load_state_dict(hf_state(hf), strict=True)
+    ids = torch.randint(
+        0, hf.config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(3)
+    )
+    with torch.no_grad():
+        want = hf(input_ids=ids).logits
+        assert (ours(ids) - want).abs().max().item() < 1e-5
+        plain = CausalLM(dataclasses.replace(args, yarn=None)).eval()
+        plain.load_state_dict(hf_state(hf), strict=True)
+        assert (plain(ids) - want).abs().max().item() > 1e-2
+
+
+def test_mla_with_a_plain_q_proj_matches_transformers():
+    """q_lora_rank null (DeepSeek-V2-Lite's shape): one q_proj instead of the low-rank pair."""
+    hf = build_model("deepseek_v3", overrides={"q_lora_rank": None})
+    args = get_spec("deepseek_v3").parse_config(hf.config.to_dict())
+    assert "model.layers.0.self_attn.q_proj.weight" in param_shapes(args)
+    assert param_shapes(args) == {n: tuple(t.shape) for n, t in hf_state(hf).items()}
+    ours = CausalLM(args).eval()
+    ours.load_state_dict(hf_state(hf), strict=True)
+    ids = torch.randint(
+        0, hf.config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(3)
+    )
+    with torch.no_grad():
+        assert (ours(ids) - hf(input_ids=ids).logits).abs().max().item() < 1e-5
+
+
+def test_each_gpt_oss_feature_changes_the_logits(written):
+    """The tiny gpt_oss case switches each of its variants on where it matters: the runtime
+    model with one of them off (or done the other families' way) misses transformers' logits,
+    so the parity tests here and in test_runtime_parity.py would catch any done wrong."""
+    hf = build_model("gpt_oss")
+    args = _args("gpt_oss", written["gpt_oss"])
+    state = hf_state(hf)
+    ids = torch.randint(
+        0, hf.config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(3)
+    )
+
+    def logits(args, state) -> torch.Tensor:
+        ours = CausalLM(args).eval()
+        ours.load_state_dict(state, strict=True)
+        with torch.no_grad():
+            return ours(ids)
+
+    def without(suffix: str, value: float) -> dict[str, torch.Tensor]:
+        return {n: torch.full_like(t, value) if n.endswith(suffix) else t for n, t in state.items()}
+
+    with torch.no_grad():
+        want = hf(input_ids=ids).logits
+    assert (logits(args, state) - want).abs().max().item() < 1e-5
+    variants = {
+        "no sliding window": (dataclasses.replace(args, sliding_layers=()), state),
+        "no SwiGLU clamp": (dataclasses.replace(args, swiglu_limit=1e6), state),
+        "gate rows, then up rows": (dataclasses.replace(args, experts_interleaved=False), state),
+        "no attention sinks": (args, without("self_attn.sinks", -1e4)),  # exp(-1e4) = 0
+        "no router bias": (args, without("mlp.router.bias", 0.0)),
+    }
+    for what, (variant_args, variant_state) in variants.items():
+        assert (logits(variant_args, variant_state) - want).abs().max().item() > 1e-2, what
+
+
 # --- every rank file against distribute_tensor ---------------------------------------------------
 
 
 def tp_placement(name: str, tp2ep: bool, model_type: str) -> tuple:
     """What the tp mesh dim does to tensor `name`, from DESIGN.md's table of styles."""
-    transposed = model_type == "llama4_text"  # experts [E, H, 2I] and [E, I, H]
+    transposed = model_type in ("llama4_text", "gpt_oss")  # experts [E, H, 2I] and [E, I, H]
     if name.endswith("experts.gate_up_proj"):  # [E, 2I, H]
-        return ("shard", 0) if tp2ep else ("strided", 2 if transposed else 1, 2)
+        if tp2ep:
+            return ("shard", 0)
+        if model_type == "gpt_oss":  # gate and up columns alternate: blocks hold whole pairs
+            return ("shard", 2)
+        return ("strided", 2 if transposed else 1, 2)
     if name.endswith("experts.down_proj"):  # [E, H, I]
         return ("shard", 0) if tp2ep else ("shard", 1 if transposed else 2)
+    if name.endswith("experts.gate_up_proj_bias"):  # [E, 2I]: split as its weight's columns
+        return ("shard", 0) if tp2ep else ("shard", 1)
+    if name.endswith("experts.down_proj_bias"):  # [E, H]: a rowwise bias, whole over tp
+        return ("shard", 0) if tp2ep else ("replicate",)
+    if name.endswith("self_attn.sinks"):  # one per query head
+        return ("shard", 0)
     if re.search(r"self_attn\.[qkv]_proj\.(weight|bias)$", name):
         return ("shard", 0)  # colwise: weight rows, bias entries
+    if re.search(r"self_attn\.(q_b|kv_b)_proj\.weight$", name):
+        return ("shard", 0)  # MLA's per-head up-projections: rows are whole heads
     if re.search(r"self_attn\.[qk]_norm\.weight$", name) and model_type == "olmoe":
         return ("shard", 0)  # over the whole projection: split with it
     if re.search(r"(self_attn\.o_proj|down_proj)\.weight$", name):
@@ -119,7 +216,7 @@ def tp_placement(name: str, tp2ep: bool, model_type: str) -> tuple:
         return ("shard", 0)
     if name in ("model.embed_tokens.weight", "lm_head.weight"):
         return ("shard", 0)
-    return ("replicate",)  # norms, router weight and bias, shared_expert_gate
+    return ("replicate",)  # norms, router weight and bias, shared_expert_gate, MLA's *_a_*
 
 
 def expected_placements(name: str, layout: str, model_type: str) -> list[tuple]:
@@ -252,6 +349,48 @@ def test_runtime_reads_every_placement_the_manifest_records(model_type, converte
 )
 def test_runtime_refuses_placements_it_does_not_run(name, placements, error, converted):
     directory = converted["qwen2_moe", "ep2tp2"]
+    params = load_manifest(directory).param_plans()
+    params[name] = dataclasses.replace(params[name], placements=placements)
+    with pytest.raises(CheckpointError, match=error):
+        _wire(directory, params)
+
+
+@pytest.mark.parametrize(
+    "name, placements, error",
+    [
+        # MLA's low-rank latent split over tp: every head needs all of it
+        ("model.layers.0.self_attn.kv_a_proj_with_mqa.weight", (Replicate(), Shard(0)), "Shard"),
+        # queries split by heads, keys and values not: heads would not line up
+        ("model.layers.0.self_attn.kv_b_proj.weight", (Replicate(), Replicate()), "only some of"),
+    ],
+)
+def test_runtime_refuses_mla_placements_it_does_not_run(name, placements, error, converted):
+    directory = converted["deepseek_v3", "ep2tp2"]
+    params = load_manifest(directory).param_plans()
+    params[name] = dataclasses.replace(params[name], placements=placements)
+    with pytest.raises(CheckpointError, match=error):
+        _wire(directory, params)
+
+
+@pytest.mark.parametrize(
+    "name, placements, error",
+    [
+        # gate and up alternate: a [gate; up] strided split gives a rank two ranges of pairs,
+        # not the I-slice of its down_proj rows
+        (
+            "model.layers.0.mlp.experts.gate_up_proj",
+            (Shard(0), StridedShard(2, 2)),
+            "does not match down_proj's I-slice",
+        ),
+        # a rowwise bias split over tp: each rank would add a piece of it to a partial sum
+        ("model.layers.0.mlp.experts.down_proj_bias", (Shard(0), Shard(1)), "cannot run Shard"),
+        ("model.layers.0.self_attn.o_proj.bias", (Replicate(), Shard(0)), "cannot run Shard"),
+        # sinks kept whole while the heads split
+        ("model.layers.0.self_attn.sinks", (Replicate(), Replicate()), "only some of"),
+    ],
+)
+def test_runtime_refuses_gpt_oss_placements_it_does_not_run(name, placements, error, converted):
+    directory = converted["gpt_oss", "ep2tp2"]
     params = load_manifest(directory).param_plans()
     params[name] = dataclasses.replace(params[name], placements=placements)
     with pytest.raises(CheckpointError, match=error):

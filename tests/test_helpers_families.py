@@ -48,6 +48,8 @@ EXPERT_COUNT_KEY = {
     "olmoe": "num_experts",
     "glm4_moe": "n_routed_experts",
     "llama4_text": "num_local_experts",
+    "deepseek_v3": "n_routed_experts",
+    "gpt_oss": "num_local_experts",
 }
 
 
@@ -161,7 +163,7 @@ def test_reload_is_bit_identical(family: str, loaded: dict[str, torch.nn.Module]
     assert not any("inv_freq" in name for name in saved)
     buffers = {name for name, _ in loaded[family].named_buffers()}
     saved_buffers = sorted(set(saved) & buffers)
-    if family == "glm4_moe":
+    if family in ("glm4_moe", "deepseek_v3"):
         assert saved_buffers == [
             "model.layers.1.mlp.gate.e_score_correction_bias",
             "model.layers.2.mlp.gate.e_score_correction_bias",
@@ -231,6 +233,18 @@ PRESENT: dict[str, dict[str, tuple[int, ...]]] = {
         "model.layers.1.self_attn.q_proj.bias": (8 * 16,),
         "model.layers.0.mlp.gate_proj.weight": (96, HIDDEN),  # layer 0 dense
     },
+    "deepseek_v3": {  # MLA: q_lora 32, kv_lora 20, nope 12, rope 16, v 10, 8 heads
+        "model.layers.0.self_attn.q_a_proj.weight": (32, HIDDEN),
+        "model.layers.0.self_attn.q_a_layernorm.weight": (32,),
+        "model.layers.0.self_attn.q_b_proj.weight": (8 * (12 + 16), 32),
+        "model.layers.0.self_attn.kv_a_proj_with_mqa.weight": (20 + 16, HIDDEN),
+        "model.layers.0.self_attn.kv_a_layernorm.weight": (20,),
+        "model.layers.0.self_attn.kv_b_proj.weight": (8 * (12 + 10), 20),
+        "model.layers.0.self_attn.o_proj.weight": (HIDDEN, 8 * 10),
+        "model.layers.1.mlp.gate.e_score_correction_bias": (NUM_EXPERTS,),
+        "model.layers.1.mlp.shared_experts.gate_proj.weight": (EXPERT_FFN, HIDDEN),
+        "model.layers.0.mlp.gate_proj.weight": (96, HIDDEN),  # layer 0 dense
+    },
 }
 ABSENT: dict[str, tuple[str, ...]] = {
     "qwen3_moe": ("model.layers.1.self_attn.q_proj.bias", "model.layers.0.mlp.gate_proj.weight"),
@@ -241,6 +255,11 @@ ABSENT: dict[str, tuple[str, ...]] = {
         "model.layers.1.mlp.shared_expert_gate.weight",
     ),
     "glm4_moe": ("model.layers.0.mlp.gate.weight", "model.layers.1.self_attn.q_norm.weight"),
+    "deepseek_v3": (
+        "model.layers.0.mlp.gate.weight",
+        "model.layers.1.self_attn.q_proj.weight",  # q_lora_rank is set: q_a / q_b instead
+        "model.layers.1.self_attn.k_proj.weight",
+    ),
 }
 
 
@@ -262,6 +281,13 @@ def test_distinguishing_features(family: str, written: dict[str, Path], loaded) 
         assert model.model.rotary_emb.inv_freq.shape == (16 // 2 // 2,)  # half of head_dim rotates
     if family == "olmoe":
         assert model.config.clip_qkv is None
+    if family == "deepseek_v3":  # YaRN: some frequencies kept, some blended, some divided by 4
+        rotary = model.model.rotary_emb
+        plain = 1.0 / 10000.0 ** (torch.arange(0, 16, 2).float() / 16)
+        ratio = rotary.inv_freq / plain
+        assert ratio[0] == 1 and torch.allclose(ratio[4:], torch.tensor(0.25))
+        assert ((ratio[1:4] > 0.25) & (ratio[1:4] < 1)).all(), ratio
+        assert rotary.attention_scaling != 1.0
 
 
 # --- (e) not degenerate --------------------------------------------------------------------------
@@ -315,6 +341,6 @@ def test_routing_spreads_over_experts(family: str, loaded: dict[str, torch.nn.Mo
         assert indices.shape == (3 * 13, 2), (i, indices.shape)
         used = indices.unique().numel()
         assert used >= NUM_EXPERTS // 2, f"layer {i} routes to only {used} experts"
-        if family == "glm4_moe":  # topk_group=1 of n_group=2: both picks in one group of 4
+        if family in ("glm4_moe", "deepseek_v3"):  # topk_group=1 of n_group=2: one group of 4
             groups = indices // (NUM_EXPERTS // 2)
             assert torch.equal(groups[:, 0], groups[:, 1]), i

@@ -159,7 +159,11 @@ def test_from_hf_config_reads_transformers_spelling():
             ValueError,
             r"mlp_only_layers has \[3\], outside \[0, num_hidden_layers \(3\)\)",
         ),
-        ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, ValueError, "rope_type 'yarn'"),
+        (
+            {"rope_scaling": {"rope_type": "llama3", "factor": 8.0}},
+            ValueError,
+            r"rope_scaling\.rope_type 'llama3' is not supported; supported: default, yarn",
+        ),
         ({"use_sliding_window": True}, ValueError, "use_sliding_window is True"),
         (
             {"num_experts": None, "num_experts_per_tok": None},
@@ -353,6 +357,43 @@ def test_experts_module_matches_transformers_experts():
     ids = torch.stack([torch.randperm(8, generator=gen)[:2] for _ in range(10)])
     weights = torch.rand(10, 2, generator=gen)
     assert max_diff(ours(x, ids, weights), theirs(x, ids, weights)) < TOL
+
+
+def _gpt_oss_experts() -> tuple:
+    """transformers' GptOssExperts (interleaved gate/up, biases, clamped SwiGLU) and ours, with
+    the same redrawn weights."""
+    config = transformers.GptOssConfig(
+        hidden_size=32, intermediate_size=16, num_local_experts=8, swiglu_limit=1.0
+    )
+    theirs = transformers.models.gpt_oss.modeling_gpt_oss.GptOssExperts(config)
+    randomize_(theirs, seed=2)
+    ours = Experts(get_spec("gpt_oss").parse_config(config.to_dict()))
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    return theirs, ours
+
+
+def test_experts_module_matches_transformers_gpt_oss_experts():
+    theirs, ours = _gpt_oss_experts()
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(10, 32, generator=gen)
+    ids = torch.stack([torch.randperm(8, generator=gen)[:2] for _ in range(10)])
+    weights = torch.rand(10, 2, generator=gen)
+    assert max_diff(ours(x, ids, weights), theirs(x, ids, weights)) < TOL
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="grouped_mm path is CUDA bf16")
+def test_grouped_mm_path_with_expert_biases_matches_loop_on_cuda():
+    """GPT-OSS's experts on the grouped_mm path: each row's bias found on the device."""
+    _, ours = _gpt_oss_experts()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 32, generator=gen)
+    ids = torch.stack([torch.randperm(8, generator=gen)[:2] for _ in range(40)])
+    ids[ids == 3] = 0  # an expert with no tokens
+    weights = torch.rand(40, 2, generator=gen)
+    want = ours(x, ids, weights)  # fp32 on the CPU: the loop
+    ours = ours.cuda().bfloat16()
+    got = ours(x.cuda().bfloat16(), ids.cuda(), weights.cuda().bfloat16())
+    assert max_diff(got.float().cpu(), want) < 2e-2 * want.abs().max().item()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="grouped_mm path is CUDA bf16")

@@ -146,12 +146,15 @@ def test_bad_multi_node_options(convert_tiny, nodes, fragments):
 # --- refused by the ranks: the launcher reports one rank's message ------------------------------
 
 
-def test_rank_file_with_a_wrong_hash(tp2_copy):
-    path = tp2_copy / "rank-00001-of-00002.safetensors"
+@pytest.mark.parametrize("layout", ["tp2", "tp1"])  # tp1: the one rank runs in the command
+def test_rank_file_with_a_wrong_hash(convert_tiny, tmp_path, layout):
+    directory = Path(shutil.copytree(convert_tiny(layout), tmp_path / layout))
+    world = int(layout[2:])
+    path = directory / f"rank-{world - 1:05d}-of-{world:05d}.safetensors"
     size = path.stat().st_size
     flip_a_data_byte(path)
     assert path.stat().st_size == size  # passes the size check; only the hash can tell
-    result = reshard(*_command("run", tp2_copy), timeout=LAUNCH_TIMEOUT_S)
+    result = reshard(*_command("run", directory), timeout=LAUNCH_TIMEOUT_S)
     assert_one_clear_error(result, str(path), "sha256")
     assert result.stdout == ""  # no rank generated anything
 
@@ -194,7 +197,7 @@ def test_empty_prompt_is_refused_before_any_rank_starts(convert_tiny):
     directory = convert_tiny("tp2")
     for prompt in ("", "   \n"):
         args = ["run", str(directory), "--prompt", prompt, "--device", "cpu"]
-        assert_one_clear_error(reshard(*args), "--prompt is empty")
+        assert_one_clear_error(reshard(*args), "prompt is empty")
 
 
 def _rank_pids(directory: Path, rank: int) -> list[int]:

@@ -46,7 +46,7 @@ CONCURRENT_LAUNCHES = 2
 TINY = "tiny"
 HF_WRITTEN = "hf-written"
 # Families beside qwen3_moe, each a checkpoint transformers writes (tests/helpers_families.py).
-FAMILIES = ["qwen2_moe", "mixtral", "olmoe", "glm4_moe", "llama4_text"]
+FAMILIES = ["qwen2_moe", "mixtral", "olmoe", "glm4_moe", "llama4_text", "deepseek_v3", "gpt_oss"]
 PROMPTS = {
     TINY: "Why is the sea blue? It reflects",  # 13 tokens of tiny's BPE
     HF_WRITTEN: "Why is the sky blue",  # 19 tokens: the tokenizer written below is byte-level
@@ -68,6 +68,7 @@ class Case:
 
 
 CASES = [
+    Case(TINY, "tp1", ("transformers",), why="one rank: the worker starts without torchrun"),
     Case(TINY, "tp2", ("transformers",)),
     Case(TINY, "ep2", ("transformers",), why="pad rows: 13 prompt tokens, 1 per decode step"),
     Case(TINY, "ep2tp2", ("transformers",), why="experts: Shard(0) over ep, strided over tp"),
@@ -333,12 +334,15 @@ def hf_tokens_per_expert(hf_models) -> dict[str, list[list[int]]]:
         k = model.config.num_experts_per_tok
 
         def chosen(module, args, out, picks=picks, k=k):
-            # (logits, weights, indices), group limits and score corrections included; Llama 4's
-            # router returns (scores, logits) and picks the top-k logits.
+            # (logits, weights, indices), group limits and score corrections included (GPT-OSS's
+            # `mlp.router` too); Llama 4's router returns (scores, logits) and picks the top-k
+            # logits.
             picks.append(out[2] if len(out) == 3 else out[1].topk(k, dim=-1).indices)
 
         routers = [
-            m for n, m in model.named_modules() if n.endswith((".mlp.gate", ".feed_forward.router"))
+            m
+            for n, m in model.named_modules()
+            if n.endswith((".mlp.gate", ".mlp.router", ".feed_forward.router"))
         ]
         hooks = [r.register_forward_hook(chosen) for r in routers]
         with torch.no_grad():
@@ -366,7 +370,7 @@ def test_greedy_generation_matches_transformers(case, launches, sources, hf_mode
     prompt_ids = _tokenizer(directory).encode(prompt).ids
     # The prompt must not split evenly: prefill pads over tp (-sp) and over the EP group.
     mesh = _mesh(case.layout)
-    for size in {*mesh.values(), _world(case.layout)}:
+    for size in {*mesh.values(), _world(case.layout)} - {1}:
         assert len(prompt_ids) % size != 0, (case.layout, size, len(prompt_ids))
 
     model = hf_models[case.source]
