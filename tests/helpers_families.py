@@ -358,3 +358,22 @@ def load_hf_model(directory: Path) -> torch.nn.Module:
 
     model = transformers.AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32)
     return model.eval()
+
+
+def hf_greedy(model: torch.nn.Module, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """transformers' own greedy tokens after `prompt_ids` (exactly `max_new_tokens`: no early
+    stop hides a difference), asserting that no step hinges on a near tie of its top two
+    logits, so a correct implementation must produce exactly these."""
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([prompt_ids]),
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=max_new_tokens,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    for step, logits in enumerate(out.logits):
+        top2 = logits[0].float().topk(2).values
+        assert top2[0] - top2[1] > 1e-3, f"step {step}: near tie in transformers' own logits"
+    return out.sequences[0, len(prompt_ids) :].tolist()

@@ -30,7 +30,7 @@ import pytest
 import torch
 from helpers_cli import one_error_line, reshard_cmd
 from helpers_dist import quantized_rank_logits, run_on_ranks
-from helpers_families import FAMILIES, load_hf_model
+from helpers_families import FAMILIES, hf_greedy, load_hf_model
 from helpers_fp8 import (
     BLOCK,
     dequantize,
@@ -39,10 +39,9 @@ from helpers_fp8 import (
     write_dequantized_copy,
     write_fp8_checkpoint,
 )
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from test_families import expected_placements
-from test_placements import _torch_placement, parse_layout
+from test_placements import _rank_checks_file, parse_layout
 
 from reshard.checkpoint import ShardedCheckpoint
 from reshard.convert import convert, make_plan, read_local
@@ -184,56 +183,6 @@ def test_manifest_schema_refuses_a_wrong_fp8_record(converted, tmp_path, edit, e
 # --- every rank against distribute_tensor ----------------------------------------------------------
 
 
-def _rank_matches_distribute_tensor(
-    rank: int,
-    world: int,
-    out_dir: str,
-    oracle_path: str,
-    mesh_names: tuple[str, ...],
-    mesh_shape: tuple[int, ...],
-    expected: dict[str, list[tuple]],
-    kv_repeat: int,
-    block_rows: int,
-) -> dict:
-    """Every tensor of this rank's file against distribute_tensor of the oracle's global one.
-    gloo has no float8: float8 tensors are distributed and compared as their bytes (uint8),
-    which is also the bit-exact comparison (NaN bytes included)."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import DTensor, distribute_tensor
-    from torch.distributed.tensor import Replicate as TReplicate
-    from torch.distributed.tensor import Shard as TShard
-    from torch.distributed.tensor.placement_types import _StridedShard
-
-    mesh = init_device_mesh("cpu", mesh_shape, mesh_dim_names=mesh_names)
-    path = Path(out_dir) / f"rank-{rank:05d}-of-{world:05d}.safetensors"
-    with safe_open(str(path), framework="pt") as f:
-        local = {k: f.get_tensor(k) for k in f.keys()}
-    problems = []
-    for name, full in sorted(load_file(oracle_path).items()):
-        if kv_repeat > 1 and re.search(r"self_attn\.[kv]_proj\.weight(_scale_inv)?$", name):
-            # tp > kv heads: whole heads repeat; a head is HEAD_DIM rows, or HEAD_DIM / 16 scale rows.
-            rows = HEAD_DIM // block_rows if name.endswith(SCALE) else HEAD_DIM
-            full = full.view(-1, rows, full.shape[-1]).repeat_interleave(kv_repeat, dim=0)
-            full = full.reshape(-1, full.shape[-1])
-        placements = [
-            _torch_placement(p, TReplicate, TShard, _StridedShard) for p in expected[name]
-        ]
-        got = local.get(name)
-        if got is None or got.dtype != full.dtype:
-            problems.append(f"{name}: {None if got is None else got.dtype}, want {full.dtype}")
-            continue
-        if full.dtype == torch.float8_e4m3fn:
-            full, got = full.view(torch.uint8), got.view(torch.uint8)
-        want = distribute_tensor(full, mesh, placements).to_local()
-        if got.shape != want.shape or not torch.equal(got, want):
-            problems.append(f"{name}: {list(got.shape)} differs from DTensor's {list(want.shape)}")
-            continue
-        gathered = DTensor.from_local(got, mesh, placements, run_check=False).full_tensor()
-        if not torch.equal(gathered, full):
-            problems.append(f"{name}: all-gathering the rank files does not give the global tensor")
-    return {"keys": sorted(local), "problems": problems}
-
-
 def _check_ranks(
     out: Path, oracle: dict[str, torch.Tensor], layout: str, tmp_path: Path, model_type: str = MODEL
 ) -> None:
@@ -245,7 +194,7 @@ def _check_ranks(
     tp = dict(zip(names, shape)).get("tp", 1)
     kv_repeat = max(1, tp // 4) if model_type == MODEL else 1  # 4 kv heads; MLA repeats none
     results = run_on_ranks(
-        _rank_matches_distribute_tensor, _world(layout), str(out), str(path), names, shape,
+        _rank_checks_file, _world(layout), str(out), str(path), names, shape,
         expected, kv_repeat, BLOCKS[model_type][0], timeout_s=240,
     )  # fmt: skip
     for rank, result in enumerate(results):
@@ -544,26 +493,14 @@ def test_greedy_generation_of_fp8_shards_matches_transformers(converted, dequant
     prompt = "Why is the sky blue"
     prompt_ids = Tokenizer.from_file(str(out / "tokenizer.json")).encode(prompt).ids
     assert len(prompt_ids) % 2 == 1
-    hf = load_hf_model(dequantized_src)
-    with torch.no_grad():
-        generated = hf.generate(
-            torch.tensor([prompt_ids]),
-            do_sample=False,
-            max_new_tokens=8,
-            output_logits=True,
-            return_dict_in_generate=True,
-        )
-    for step, logits in enumerate(generated.logits):  # no step hinges on a near tie
-        top2 = logits[0].topk(2).values
-        assert top2[0] - top2[1] > 1e-3, f"step {step}: near tie in transformers' own logits"
-    want = generated.sequences
+    want = hf_greedy(load_hf_model(dequantized_src), prompt_ids, 8)
     result = _reshard(
         "run", str(out), "--prompt", prompt, "--max-new-tokens", "8", "--json",
         "--device", "cpu", "--timeout", "180",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     line = [x for x in result.stdout.splitlines() if x.startswith("{")][-1]
-    assert json.loads(line)["output_ids"] == want[0, len(prompt_ids) :].tolist()
+    assert json.loads(line)["output_ids"] == want
 
 
 def test_validate_refuses_fp8_shards_in_one_line(converted, src):

@@ -116,7 +116,13 @@ def _rank_checks_file(
     mesh_shape: tuple[int, ...],
     expected: dict[str, list[tuple]],
     kv_repeat: int,
+    scale_block_rows: int = 1,
 ) -> dict:
+    """Every tensor of this rank's file against distribute_tensor of the oracle's global one.
+
+    With tp > kv heads, the k/v projections' heads repeat (HEAD_DIM rows each; an FP8 scale's
+    head is HEAD_DIM / scale_block_rows rows). gloo has no float8: float8 tensors are
+    distributed and compared as their bytes, which is also the bit-exact comparison."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, distribute_tensor
     from torch.distributed.tensor import Replicate as TReplicate
@@ -127,33 +133,27 @@ def _rank_checks_file(
     path = Path(out_dir) / f"rank-{rank:05d}-of-{world:05d}.safetensors"
     with safe_open(str(path), framework="pt") as f:
         local = {k: f.get_tensor(k) for k in f.keys()}
-    oracle = load_file(oracle_path)
     problems = []
-    for name in sorted(oracle):
-        full = oracle[name]
-        if kv_repeat > 1 and re.search(r"self_attn\.[kv]_proj\.weight$", name):
+    for name, full in sorted(load_file(oracle_path).items()):
+        if kv_repeat > 1 and re.search(r"self_attn\.[kv]_proj\.weight(_scale_inv)?$", name):
             # tp > kv heads: the global k/v tensor has every head repeated tp/kv times.
-            full = (
-                full.view(-1, HEAD_DIM, full.shape[-1])
-                .repeat_interleave(kv_repeat, dim=0)
-                .reshape(-1, full.shape[-1])
-            )
+            rows = HEAD_DIM // scale_block_rows if name.endswith("_scale_inv") else HEAD_DIM
+            full = full.view(-1, rows, full.shape[-1]).repeat_interleave(kv_repeat, dim=0)
+            full = full.reshape(-1, full.shape[-1])
         placements = [
             _torch_placement(p, TReplicate, TShard, _StridedShard) for p in expected[name]
         ]
+        got = local.get(name)
+        if got is None or got.dtype != full.dtype:
+            problems.append(f"{name}: {None if got is None else got.dtype}, want {full.dtype}")
+            continue
+        if full.dtype == torch.float8_e4m3fn:
+            full, got = full.view(torch.uint8), got.view(torch.uint8)
         # Rank 0's copy is scattered / broadcast over the mesh, as DTensor does by default.
         want = distribute_tensor(full, mesh, placements).to_local()
-        got = local.get(name)
-        if got is None:
-            problems.append(f"{name}: not in {path.name}")
+        if got.shape != want.shape or not torch.equal(got, want):
+            problems.append(f"{name}: {list(got.shape)} differs from DTensor's {list(want.shape)}")
             continue
-        if got.dtype != want.dtype or tuple(got.shape) != tuple(want.shape):
-            problems.append(
-                f"{name}: {got.dtype} {list(got.shape)}, DTensor says {want.dtype} {list(want.shape)}"
-            )
-            continue
-        if not torch.equal(got, want):
-            problems.append(f"{name}: values differ from DTensor's local shard")
         # And through real collectives: the ranks' file tensors gather back to the global one.
         gathered = DTensor.from_local(got, mesh, placements, run_check=False).full_tensor()
         if not torch.equal(gathered, full):
