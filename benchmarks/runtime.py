@@ -231,7 +231,7 @@ def measure_transformers(src: Path, repeats: int) -> dict:
 # --- the table ----------------------------------------------------------------------------------
 
 
-def _eager(row: dict, key: str) -> str:
+def _variants(row: dict, key: str) -> str:
     out = f" (eager {row[key + '_eager']:.1f}" if key + "_eager" in row else ""
     if key + "_compiled" in row:
         out += f", compiled {row[key + '_compiled']:.1f}"
@@ -247,7 +247,7 @@ def print_table(rows: list[dict]) -> None:
     for r in rows:
         print(
             f"| {r['name']} | {r['prefill']:,.0f} | {r['mfu']:.1%} | {r['decode_bs1']:.1f}"
-            f"{_eager(r, 'decode_bs1')} | {r['decode_bs32']:.1f}{_eager(r, 'decode_bs32')} | "
+            f"{_variants(r, 'decode_bs1')} | {r['decode_bs32']:.1f}{_variants(r, 'decode_bs32')} | "
             f"{r['load_s']:.1f} | {r['start_s']:.1f} |"
         )
     hf = next((r for r in rows if r["name"] == "transformers"), None)

@@ -27,3 +27,32 @@ def count_hashing(monkeypatch, *modules) -> list[str]:
     for module in modules:
         monkeypatch.setattr(module, "sha256_file", counting)
     return hashed
+
+
+def edit_rank_tensor(out: Path, rank: int, name: str, edit) -> None:
+    """Edit tensor `name` of a rank file in place with `edit(tensor)` (its header untouched;
+    float8 and other dtypes alike, written back as bytes), then re-hash the file into the
+    manifest, so only a comparison of the values can tell."""
+    import hashlib
+    import json
+
+    import torch
+
+    from reshard.safetensors_header import read_header
+
+    manifest = json.loads((out / "reshard.json").read_text())
+    path = out / manifest["ranks"][rank]["file"]
+    header = read_header(path)
+    info = header.tensors[name]
+    data = bytearray(path.read_bytes())
+    start, stop = header.data_start + info.start, header.data_start + info.stop
+    tensor = torch.frombuffer(data[start:stop], dtype=info.dtype).clone()
+    before = tensor.clone()
+    edit(tensor)
+    assert not torch.equal(tensor.view(torch.uint8), before.view(torch.uint8)), (
+        "edit changed nothing"
+    )
+    data[start:stop] = tensor.view(torch.uint8).numpy().tobytes()
+    path.write_bytes(bytes(data))
+    manifest["ranks"][rank]["sha256"] = hashlib.sha256(bytes(data)).hexdigest()
+    (out / "reshard.json").write_text(json.dumps(manifest))

@@ -329,68 +329,70 @@ def test_runtime_reads_every_placement_the_manifest_records(model_type, converte
 
 
 @pytest.mark.parametrize(
-    "name, placements, error",
+    "model_type, name, placements, error",
     [
         # the router split over tp: the runtime routes with the whole router on every rank
-        ("model.layers.1.mlp.gate.weight", (Replicate(), Shard(0)), "cannot run Shard"),
+        (
+            "qwen2_moe",
+            "model.layers.1.mlp.gate.weight",
+            (Replicate(), Shard(0)),
+            "cannot run Shard",
+        ),
         # only q split: heads would not line up with k and v
         (
+            "qwen2_moe",
             "model.layers.0.self_attn.k_proj.weight",
             (Replicate(), Replicate()),
             "splits only some of",
         ),
         # experts kept whole over ep: the runtime would route tokens to experts it lacks
         (
+            "qwen2_moe",
             "model.layers.1.mlp.experts.down_proj",
             (Replicate(), Shard(2)),
             "experts split over no dims",
         ),
-    ],
-)
-def test_runtime_refuses_placements_it_does_not_run(name, placements, error, converted):
-    directory = converted["qwen2_moe", "ep2tp2"]
-    params = load_manifest(directory).param_plans()
-    params[name] = dataclasses.replace(params[name], placements=placements)
-    with pytest.raises(CheckpointError, match=error):
-        _wire(directory, params)
-
-
-@pytest.mark.parametrize(
-    "name, placements, error",
-    [
         # MLA's low-rank latent split over tp: every head needs all of it
-        ("model.layers.0.self_attn.kv_a_proj_with_mqa.weight", (Replicate(), Shard(0)), "Shard"),
+        (
+            "deepseek_v3",
+            "model.layers.0.self_attn.kv_a_proj_with_mqa.weight",
+            (Replicate(), Shard(0)),
+            "Shard",
+        ),
         # queries split by heads, keys and values not: heads would not line up
-        ("model.layers.0.self_attn.kv_b_proj.weight", (Replicate(), Replicate()), "only some of"),
-    ],
-)
-def test_runtime_refuses_mla_placements_it_does_not_run(name, placements, error, converted):
-    directory = converted["deepseek_v3", "ep2tp2"]
-    params = load_manifest(directory).param_plans()
-    params[name] = dataclasses.replace(params[name], placements=placements)
-    with pytest.raises(CheckpointError, match=error):
-        _wire(directory, params)
-
-
-@pytest.mark.parametrize(
-    "name, placements, error",
-    [
+        (
+            "deepseek_v3",
+            "model.layers.0.self_attn.kv_b_proj.weight",
+            (Replicate(), Replicate()),
+            "only some of",
+        ),
         # gate and up alternate: a [gate; up] strided split gives a rank two ranges of pairs,
         # not the I-slice of its down_proj rows
         (
+            "gpt_oss",
             "model.layers.0.mlp.experts.gate_up_proj",
             (Shard(0), StridedShard(2, 2)),
             "does not match down_proj's I-slice",
         ),
         # a rowwise bias split over tp: each rank would add a piece of it to a partial sum
-        ("model.layers.0.mlp.experts.down_proj_bias", (Shard(0), Shard(1)), "cannot run Shard"),
-        ("model.layers.0.self_attn.o_proj.bias", (Replicate(), Shard(0)), "cannot run Shard"),
+        (
+            "gpt_oss",
+            "model.layers.0.mlp.experts.down_proj_bias",
+            (Shard(0), Shard(1)),
+            "cannot run Shard",
+        ),
+        (
+            "gpt_oss",
+            "model.layers.0.self_attn.o_proj.bias",
+            (Replicate(), Shard(0)),
+            "cannot run Shard",
+        ),
         # sinks kept whole while the heads split
-        ("model.layers.0.self_attn.sinks", (Replicate(), Replicate()), "only some of"),
+        ("gpt_oss", "model.layers.0.self_attn.sinks", (Replicate(), Replicate()), "only some of"),
     ],
 )
-def test_runtime_refuses_gpt_oss_placements_it_does_not_run(name, placements, error, converted):
-    directory = converted["gpt_oss", "ep2tp2"]
+def test_runtime_refuses_placements_it_does_not_run(model_type, name, placements, error, converted):
+    directory = converted[model_type, "ep2tp2"]
     params = load_manifest(directory).param_plans()
     params[name] = dataclasses.replace(params[name], placements=placements)
     with pytest.raises(CheckpointError, match=error):

@@ -31,6 +31,7 @@ import torch
 from helpers_cli import one_error_line, reshard_cmd
 from helpers_dist import quantized_rank_logits, run_on_ranks
 from helpers_families import FAMILIES, hf_greedy, load_hf_model
+from helpers_files import edit_rank_tensor
 from helpers_fp8 import (
     BLOCK,
     dequantize,
@@ -337,33 +338,6 @@ def test_fused_gate_up_that_ends_mid_block_is_refused():
 # --- verify ------------------------------------------------------------------------------------------
 
 
-def _rehash(out: Path, rank: int) -> None:
-    import hashlib
-
-    manifest = json.loads((out / "reshard.json").read_text())
-    name = manifest["ranks"][rank]["file"]
-    manifest["ranks"][rank]["sha256"] = hashlib.sha256((out / name).read_bytes()).hexdigest()
-    (out / "reshard.json").write_text(json.dumps(manifest))
-
-
-def _edit_tensor(out: Path, rank: int, name: str, edit) -> None:
-    """Edit tensor `name` of a rank file in place (its header untouched), then re-hash it."""
-    from reshard.safetensors_header import read_header
-
-    path = out / f"rank-{rank:05d}-of-00004.safetensors"
-    header = read_header(path)
-    info = header.tensors[name]
-    data = bytearray(path.read_bytes())
-    start, stop = header.data_start + info.start, header.data_start + info.stop
-    tensor = torch.frombuffer(data[start:stop], dtype=info.dtype).clone()
-    before = tensor.clone()
-    edit(tensor)
-    assert not torch.equal(tensor.view(torch.uint8), before.view(torch.uint8))
-    data[start:stop] = tensor.view(torch.uint8).numpy().tobytes()
-    path.write_bytes(bytes(data))
-    _rehash(out, rank)
-
-
 @pytest.mark.parametrize(
     "name, edit",
     [
@@ -384,7 +358,7 @@ def test_verify_against_checks_fp8_bytes_and_scales_bit_exactly(
     plan = make_plan(open_source(str(src)), Layout.parse("ep2tp2"))
     findings = list(check_against(ShardedCheckpoint(out), plan))
     assert all(f.ok for f in findings) and len(findings) == len(plan.params) == 37
-    _edit_tensor(out, 2, name, edit)
+    edit_rank_tensor(out, 2, name, edit)
     assert all(f.ok for f in check_files(ShardedCheckpoint(out)))
     failed = [f.what for f in check_against(ShardedCheckpoint(out), plan) if not f.ok]
     assert failed == [f"{name}: rank 2 (rank-00002-of-00004.safetensors) differs from the source"]

@@ -18,7 +18,6 @@ dequantization (`convert_moe_packed_tensors`) and its model loaded dequantized
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import shutil
@@ -30,6 +29,7 @@ import torch
 from helpers_cli import one_error_line, reshard_cmd
 from helpers_dist import quantized_rank_logits, run_on_ranks
 from helpers_families import hf_greedy
+from helpers_files import edit_rank_tensor
 from helpers_mxfp4 import (
     load_hf_mxfp4_model,
     transformers_dequantize,
@@ -248,28 +248,10 @@ def test_verify_against_checks_blocks_and_scales_bit_exactly(src, converted, tmp
     plan = make_plan(open_source(str(src)), Layout.parse("ep2tp2"))
     findings = list(check_against(ShardedCheckpoint(out), plan))
     assert all(f.ok for f in findings) and len(findings) == len(plan.params)
-    _edit_tensor(out, 2, name, edit)
+    edit_rank_tensor(out, 2, name, edit)
     assert all(f.ok for f in check_files(ShardedCheckpoint(out)))
     failed = [f.what for f in check_against(ShardedCheckpoint(out), plan) if not f.ok]
     assert failed == [f"{name}: rank 2 (rank-00002-of-00004.safetensors) differs from the source"]
-
-
-def _edit_tensor(out: Path, rank: int, name: str, edit) -> None:
-    """Edit tensor `name` of a rank file in place (its header untouched), then re-hash it."""
-    from reshard.safetensors_header import read_header
-
-    path = out / f"rank-{rank:05d}-of-00004.safetensors"
-    header = read_header(path)
-    info = header.tensors[name]
-    data = bytearray(path.read_bytes())
-    start, stop = header.data_start + info.start, header.data_start + info.stop
-    tensor = torch.frombuffer(data[start:stop], dtype=info.dtype).clone()
-    edit(tensor)
-    data[start:stop] = tensor.numpy().tobytes()
-    path.write_bytes(bytes(data))
-    manifest = json.loads((out / "reshard.json").read_text())
-    manifest["ranks"][rank]["sha256"] = hashlib.sha256(bytes(data)).hexdigest()
-    (out / "reshard.json").write_text(json.dumps(manifest))
 
 
 def test_mxfp4_shards_reshard_and_export_back_exactly(src, converted, tmp_path):
