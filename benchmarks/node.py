@@ -140,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     source_bytes = dir_bytes(src)
     cp_s = timed_command(["cp", "-r", str(src), str(work / "cp")])
     shutil.rmtree(work / "cp")
+    print(f"source {source_bytes / 1e9:.1f} GB, cp -r {cp_s:.1f} s", flush=True)
     rows = []
     for layout in layouts:
         out = work / layout
@@ -149,7 +150,9 @@ def main(argv: list[str] | None = None) -> int:
         written = dir_bytes(out)
         row = {"name": f"reshard {layout}", "convert_s": convert_s, "bytes": written}
         row["convert_x_cp"] = (convert_s / written) / (cp_s / source_bytes)
+        print(f"{layout}: converted in {convert_s:.1f} s", flush=True)
         row["validate"] = validate(out, src)
+        print(f"{layout}: validate {row['validate']}", flush=True)
         world = Layout.parse(layout).world_size
         row |= rt.measure_reshard(out, world, args.repeats, None, False)
         rows.append(row)

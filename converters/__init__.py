@@ -41,6 +41,7 @@ __all__ = [
 
 def _registry() -> dict[str, ModelSpec]:
     from reshard.converters import (
+        deepseek_v2,
         deepseek_v3,
         glm4_moe,
         gpt_oss,
@@ -58,6 +59,7 @@ def _registry() -> dict[str, ModelSpec]:
         olmoe,
         glm4_moe,
         llama4_text,
+        deepseek_v2,
         deepseek_v3,
         gpt_oss,
     )

@@ -5,7 +5,7 @@ transformers groups its ~30 MoE model types into two checkpoint shapes, and so d
 
 | shape          | per-expert source tensors                          | families                      |
 | -------------- | -------------------------------------------------- | ----------------------------- |
-| gate/up/down   | `mlp.experts.N.{gate,up,down}_proj.weight`         | qwen2_moe, qwen3_moe, olmoe, glm4_moe, deepseek_v3 |
+| gate/up/down   | `mlp.experts.N.{gate,up,down}_proj.weight`         | qwen2_moe, qwen3_moe, olmoe, glm4_moe, deepseek_v2, deepseek_v3 |
 | w1/w3/w2       | `block_sparse_moe.experts.N.{w1,w3,w2}.weight`     | mixtral                       |
 
 Both become the fused transformers v5 parameters `mlp.experts.gate_up_proj [E, 2I, H]`

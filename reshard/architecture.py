@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 QK_NORMS = ("none", "head", "projection", "l2")
 ROUTERS = ("softmax", "sigmoid", "topk_softmax")
+GROUP_SCORES = ("top2_sum", "max")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -116,7 +117,12 @@ class ModelArgs:
             "projection" over the whole q / k projection (OLMoE, weight [heads * head_dim]);
             "l2": per head, no weight, after RoPE, on RoPE layers only (Llama 4).
         qkv_bias: q/k/v projections have biases (Qwen2-MoE, GLM-4.5); o_bias: o_proj too.
-        rope_interleaved: RoPE rotates pairs (2i, 2i+1) (Llama 4), not the two halves.
+        rope_interleaved: RoPE rotates pairs (2i, 2i+1) (Llama 4), not the two halves. With
+            MLA: rotates DeepSeek's interleaved pairs where they lie (DeepSeek-V2), rather than
+            moving them to halves first (DeepSeek-V3, `mla.rope_interleave` alone).
+        rope_fp32: RoPE as DeepSeek-V2's complex multiplication: fp32 tables (from
+            torch.polar), the rotation in fp32, its result cast back; else tables and rotation
+            in the activations' dtype.
         nope_layers: layers without RoPE (Llama 4); `attn_temperature` = (floor_scale,
             attn_scale) scales their queries by log1p(floor((pos + 1) / floor_scale)) *
             attn_scale + 1.
@@ -134,9 +140,13 @@ class ModelArgs:
         router: "softmax" over all experts, then top-k; or "sigmoid" scores with a
             per-expert `e_score_correction_bias` for the choice only (GLM-4.5, DeepSeek-V3);
             or "topk_softmax": top-k of the logits, softmax over the k chosen (GPT-OSS).
+        router_logits_fp32: the softmax router's logits in fp32, input and weight upcast
+            (DeepSeek-V2); else in the activations' dtype. The sigmoid router's always are.
         router_logit_bias: the router Linear has a bias (`router.bias [E]`, a trained parameter
             added to the logits; GPT-OSS), unlike `router_bias`'s choice-only buffer.
         n_group / topk_group: group-limited top-k (the best topk_group of n_group groups).
+        group_score: what ranks a group: "top2_sum", the sum of its best two experts' scores
+            (DeepSeek-V3, GLM-4.5), or "max", its best expert's (DeepSeek-V2).
         routed_scaling_factor: multiplies the routed experts' weights.
         shared_expert_intermediate_size: a dense SwiGLU beside the routed experts (0: none),
             held as `mlp.<shared_expert_name>`; `shared_expert_gate` scales it by
@@ -178,6 +188,7 @@ class ModelArgs:
     qkv_bias: bool = False
     o_bias: bool = False
     rope_interleaved: bool = False
+    rope_fp32: bool = False
     nope_layers: tuple[int, ...] = ()
     attn_temperature: tuple[float, float] | None = None
     chunked_layers: tuple[int, ...] = ()
@@ -187,11 +198,13 @@ class ModelArgs:
     attention_sinks: bool = False
     clip_qkv: float | None = None
     router: str = "softmax"
+    router_logits_fp32: bool = False
     norm_topk_prob: bool = False
     router_bias: bool = False
     router_logit_bias: bool = False
     n_group: int = 1
     topk_group: int = 1
+    group_score: str = "top2_sum"
     routed_scaling_factor: float = 1.0
     shared_expert_intermediate_size: int = 0
     shared_expert_name: str = "shared_expert"
@@ -246,8 +259,17 @@ class ModelArgs:
             )
         if self.mla is not None:
             self._check_mla(self.mla)
-        if self.qk_norm not in QK_NORMS or self.router not in ROUTERS:
-            raise ValueError(f"qk_norm {self.qk_norm!r} / router {self.router!r}: unknown")
+        if self.rope_fp32 and self.mla is None:
+            raise ValueError("rope_fp32 is implemented for MLA attention, not GQA")
+        if (
+            self.qk_norm not in QK_NORMS
+            or self.router not in ROUTERS
+            or self.group_score not in GROUP_SCORES
+        ):
+            raise ValueError(
+                f"qk_norm {self.qk_norm!r} / router {self.router!r} / group_score "
+                f"{self.group_score!r}: unknown"
+            )
         if self.num_experts < 0:
             raise ValueError(f"num_experts ({self.num_experts}) must not be negative")
         if self.num_experts and not 1 <= self.top_k <= self.num_experts:
@@ -259,7 +281,15 @@ class ModelArgs:
                 f"n_group ({self.n_group}) must divide num_experts ({self.num_experts}) and "
                 f"topk_group ({self.topk_group}) be in [1, n_group]"
             )
-        if self.n_group > 1 and self.num_experts // self.n_group < 2:
+        if self.n_group > 1 and self.router == "topk_softmax":
+            raise ValueError(
+                "group-limited top-k is implemented for the softmax and sigmoid routers"
+            )
+        if (
+            self.n_group > 1
+            and self.group_score == "top2_sum"
+            and self.num_experts // self.n_group < 2
+        ):
             raise ValueError("group-limited top-k scores each group by its best 2 experts")
         if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
             raise ValueError(f"pad_token_id ({self.pad_token_id}) is outside the vocabulary")
@@ -295,9 +325,12 @@ class ModelArgs:
                 f"({mla.qk_rope_head_dim}) and num_kv_heads = num_heads ({self.num_heads}); got "
                 f"{self.head_dim}, {self.rotary_dim}, {self.num_kv_heads}"
             )
-        if self.qk_norm != "none" or self.qkv_bias or self.o_bias or self.rope_interleaved:
+        if self.qk_norm != "none" or self.qkv_bias or self.o_bias:
+            raise ValueError("MLA has no qk norm and no biases")
+        if self.rope_interleaved and not mla.rope_interleave:
             raise ValueError(
-                "MLA has no qk norm, no biases, and interleaves RoPE by mla.rope_interleave"
+                "rope_interleaved rotates MLA's interleaved pairs in place; "
+                "mla.rope_interleave is off"
             )
         if self.attention_sinks:
             raise ValueError("attention sinks are implemented for GQA attention, not MLA")

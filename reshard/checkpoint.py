@@ -17,13 +17,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from reshard.errors import CheckpointError
-from reshard.hash_cache import cached_sha256
+from reshard.hash_cache import cached_sha256, sha256_of
 from reshard.layout import Layout
 from reshard.manifest import FileEntry, Manifest, load_manifest
 from reshard.placements import Selection, local_selection, selection_shape
 from reshard.plan import ParamPlan
 from reshard.safetensors_header import read_header
-from reshard.writer import sha256_file
 
 
 class ShardedCheckpoint:
@@ -104,7 +103,7 @@ class ShardedCheckpoint:
                     f"{path}: {size} bytes, manifest says {entry.bytes} (truncated?)"
                 )
             if hash:
-                digest = cached_sha256([path])[path] if recorded else sha256_file(path)
+                digest = cached_sha256([path])[path] if recorded else sha256_of(path)
                 if digest != entry.sha256:
                     raise CheckpointError(
                         f"{path}: sha256 does not match the manifest (corrupt or replaced file)"

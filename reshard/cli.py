@@ -39,6 +39,21 @@ def _progress(quiet: bool) -> bool:
     return not quiet and sys.stderr.isatty()
 
 
+def _hash_while_importing(location: str, *, rank_files: bool) -> None:
+    """Start hashing a local directory's files before the command imports torch, which keeps
+    one core busy for seconds (reshard.hash_cache.prefetch): its rank files (verify reads them
+    all), or its Hugging Face weight files (convert records their sha256s; a cached hash is
+    not read again). Under torchrun only the first process of a node does it."""
+    path = Path(location)
+    if os.environ.get("LOCAL_RANK", "0") != "0" or not path.is_dir():
+        return
+    from reshard.hash_cache import prefetch
+
+    files = sorted(path.glob("*.safetensors"))
+    ranks = [f for f in files if f.name.startswith("rank-")]
+    prefetch(ranks if rank_files else [f for f in files if f not in ranks], cached=not rank_files)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="reshard")
 def cli() -> None:
@@ -129,6 +144,7 @@ def convert(
     --out are refused, as is one that would replace a finished checkpoint of
     another layout (unless --overwrite).
     """
+    _hash_while_importing(src, rank_files=False)
     from reshard.cluster import Part, parse_ranks, torchrun_part
     from reshard.convert import convert as run_convert
     from reshard.convert import make_plan
@@ -263,7 +279,16 @@ def export(directory: Path, out: Path, max_shard_size: str, quiet: bool) -> None
     "--like",
     required=True,
     type=click.Choice(
-        ["qwen3-30b-a3b", "qwen3-30b-a3b-fp8", "qwen3-235b-a22b", "mixtral-8x7b", "deepseek-v3"]
+        [
+            "qwen3-30b-a3b",
+            "qwen3-30b-a3b-fp8",
+            "qwen3-235b-a22b",
+            "mixtral-8x7b",
+            "deepseek-v3",
+            "kimi-k2",
+            "gpt-oss-120b",
+            "gpt-oss-20b",
+        ]
     ),  # synth.PRESETS
     help="The model whose tensor names, shapes, config and shard files to reproduce.",
 )
@@ -275,7 +300,7 @@ def export(directory: Path, out: Path, max_shard_size: str, quiet: bool) -> None
     type=click.Choice(["bf16", "fp16", "fp32"]),
     default="bf16",
     show_default=True,
-    help="Data type of every tensor.",
+    help="Data type of every tensor the preset's release does not quantize.",
 )
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option(
@@ -291,6 +316,7 @@ def synth(like: str, layers: int | None, dtype: str, seed: int, out: Path, quiet
       reshard synth --like qwen3-30b-a3b --layers 4 --out q3-4l
       reshard synth --like mixtral-8x7b --layers 2 --out mx-2l --dtype fp32
       reshard synth --like deepseek-v3 --layers 4 --out ds3-4l   # FP8, as released
+      reshard synth --like gpt-oss-120b --layers 2 --out oss-2l   # MXFP4 experts, as released
     """
     from tqdm.auto import tqdm
 
@@ -400,6 +426,7 @@ def verify(directory: str, against: str | None, quiet: bool) -> None:
       reshard verify tiny-ep2tp2 --against tiny:qwen3_moe
       reshard verify hf:me/Qwen3-30B-A3B-ep4tp4
     """
+    _hash_while_importing(directory, rank_files=True)
     from tqdm.auto import tqdm
 
     from reshard.checkpoint import open_checkpoint
@@ -488,8 +515,8 @@ def _checkpoint(src: str | Path, layout: str | None, quiet: bool):
     if not layout:
         raise ReshardError(f"{src}: not a sharded checkpoint; pass --layout to convert it first")
     from reshard.convert import convert_cached
+    from reshard.machine import cache_root
     from reshard.sources import open_source
-    from reshard.tiny import cache_root
 
     out = convert_cached(
         open_source(src),

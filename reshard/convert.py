@@ -41,10 +41,11 @@ from reshard.converters.lazy import (
     read_selection,
     selection_segments,
 )
-from reshard.engine import CHUNK, FileJob, Written, default_workers, write_files
+from reshard.engine import CHUNK, FileJob, Written, write_files
 from reshard.errors import LayoutError, OutputError, ReshardError, SourceError
-from reshard.hash_cache import remember, stamp
+from reshard.hash_cache import remember, sha256_file, stamp
 from reshard.layout import Layout
+from reshard.machine import default_workers
 from reshard.manifest import (
     MANIFEST,
     FileEntry,
@@ -63,7 +64,6 @@ from reshard.writer import (
     atomic_write_text,
     fsync_dir,
     nbytes,
-    sha256_file,
 )
 
 PROGRESS_DIR = ".reshard"

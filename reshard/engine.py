@@ -66,11 +66,6 @@ class Stopped(Exception):
     """Another file failed, or the user interrupted: this one stops too."""
 
 
-def default_workers() -> int:
-    """I/O threads: one per core the process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def write_files(
     jobs: list[FileJob],
     reader: SliceReader,

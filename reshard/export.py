@@ -29,8 +29,9 @@ from tqdm import tqdm
 
 from reshard.converters import get_spec
 from reshard.converters.lazy import LazyTensor, Segment, SliceReader, selection_segments
-from reshard.engine import CHUNK, FileJob, default_workers, write_files
+from reshard.engine import CHUNK, FileJob, write_files
 from reshard.errors import OutputError, SourceError
+from reshard.machine import default_workers
 from reshard.sources import open_source
 from reshard.writer import atomic_write_bytes, atomic_write_text, fsync_dir, nbytes
 

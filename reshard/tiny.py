@@ -10,12 +10,13 @@ to 16 ranks fits: 16 experts, 8 query / 4 kv heads, vocab 384.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
+
+from reshard.machine import cache_root
 
 TINY_VERSION = 2
 
@@ -158,13 +159,6 @@ def write_tiny_checkpoint(family: str, directory: Path) -> None:
             indent=2,
         )
     )
-
-
-def cache_root() -> Path:
-    """Where reshard keeps derived files: $RESHARD_CACHE, else $XDG_CACHE_HOME/reshard, else ~/.cache/reshard."""
-    if os.environ.get("RESHARD_CACHE"):
-        return Path(os.environ["RESHARD_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "reshard"
 
 
 def tiny_checkpoint(family: str) -> Path:

@@ -18,8 +18,9 @@ import torch
 
 from reshard.checkpoint import ShardedCheckpoint
 from reshard.converters.lazy import DTYPE_NAMES, SliceReader, selection_chunks
-from reshard.engine import CHUNK, default_workers
+from reshard.engine import CHUNK
 from reshard.errors import CheckpointError, ReshardError
+from reshard.machine import default_workers
 from reshard.placements import selection_shape
 from reshard.safetensors_header import read_header
 from reshard.writer import tensor_bytes

@@ -191,11 +191,3 @@ def save_tensors(
     with ShardWriter(Path(path), entries, metadata) as writer:
         for name, t in tensors.items():
             writer.write(name, t)
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()

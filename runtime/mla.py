@@ -70,7 +70,12 @@ class MLAttention(nn.Module):
         self.n_heads = args.num_heads
         self.nope_dim, self.rope_dim = mla.qk_nope_head_dim, mla.qk_rope_head_dim
         self.v_dim, self.latent_dim = mla.v_head_dim, mla.kv_lora_rank
-        self.interleaved = mla.rope_interleave
+        # DeepSeek's RoPE dims are interleaved pairs. V3 moves them to halves and rotates
+        # those in the activations' dtype; V2 (`rope_interleaved`, `rope_fp32`) rotates the
+        # pairs where they lie, as complex numbers in fp32, and casts the result back.
+        self.to_halves = mla.rope_interleave and not args.rope_interleaved
+        self.rotate_pairs = args.rope_interleaved
+        self.rope_fp32 = args.rope_fp32
         # DeepSeek scales the softmax by YaRN's mscale twice over (on q and on k), on top of
         # the cos/sin scale; transformers' yarn_apply_mscale.
         self.scale = (self.nope_dim + self.rope_dim) ** -0.5
@@ -100,7 +105,11 @@ class MLAttention(nn.Module):
         return q.view(B, T, self.n_heads, self.nope_dim + self.rope_dim).transpose(1, 2)
 
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        return apply_rope(pairs_to_halves(x) if self.interleaved else x, cos, sin)
+        if self.to_halves:
+            x = pairs_to_halves(x)
+        if self.rope_fp32:  # the tables are fp32 too (Transformer.forward)
+            return apply_rope(x.float(), cos, sin, self.rotate_pairs).to(x.dtype)
+        return apply_rope(x, cos, sin, self.rotate_pairs)
 
     def _keys_values(
         self, latent_B1SC: torch.Tensor, k_rope_B1SR: torch.Tensor

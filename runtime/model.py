@@ -60,12 +60,14 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32 and cast back before the scale, as transformers does,
         # so bf16 runs round at the same place as the reference.
-        x32 = x.float()
         if "mean_square" in vars(self):  # swapped by a parallelizer: the statistic spans ranks
-            x32 = x32 * torch.rsqrt(self.mean_square(x32) + self.eps)
-        else:  # the same math, one fused kernel where torch has one (CUDA): decode is launches
-            x32 = F.rms_norm(x32, (x32.shape[-1],), eps=self.eps)
-        return self.weight * x32.to(x.dtype)
+            x32 = x.float()
+            normed = (x32 * torch.rsqrt(self.mean_square(x32) + self.eps)).to(x.dtype)
+        else:
+            # The same math in one kernel: F.rms_norm computes in fp32 and rounds once to x's
+            # dtype, so neither the upcast nor the downcast is a pass over memory of its own.
+            normed = F.rms_norm(x, (x.shape[-1],), eps=self.eps)
+        return self.weight * normed
 
 
 def rope_cos_sin(
@@ -75,6 +77,7 @@ def rope_cos_sin(
     dtype: torch.dtype,
     interleaved: bool = False,
     yarn: YaRN | None = None,
+    polar: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """RoPE tables for the given positions, over the first `rotary_dim` dims of a head
     (YaRN-scaled when `yarn` is given: its frequencies, cos and sin times its scale).
@@ -84,6 +87,8 @@ def rope_cos_sin(
 
     Args:
         positions: ``[T]``, or ``[B, T]`` when rows sit at different positions (left padding).
+        polar: cos and sin from ``torch.polar``, as transformers' DeepSeek-V2 takes them (on
+            CPU they can differ from ``torch.cos``'s in the last bit).
 
     Returns:
         ``(cos, sin)`` of shape ``positions.shape + (R,)`` in ``dtype``: each half repeated
@@ -102,6 +107,9 @@ def rope_cos_sin(
     else:
         emb = torch.cat((freqs, freqs), dim=-1)
     scale = 1.0 if yarn is None else yarn.cos_sin_scale  # in fp32, before the cast (transformers)
+    if polar:
+        cis = torch.polar(torch.ones_like(emb), emb)
+        return (cis.real * scale).to(dtype), (cis.imag * scale).to(dtype)
     return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
 
 
@@ -117,7 +125,8 @@ def apply_rope(
     else:
         half = R // 2
         rotated = torch.cat((-x_BNTR[..., half:], x_BNTR[..., :half]), dim=-1)
-    return torch.cat((x_BNTR * cos_TR + rotated * sin_TR, x_pass), dim=-1)
+    out_BNTR = x_BNTR * cos_TR + rotated * sin_TR
+    return torch.cat((out_BNTR, x_pass), dim=-1) if x_pass.shape[-1] else out_BNTR
 
 
 def l2_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -407,11 +416,13 @@ class Router(nn.Module):
     """Top-k router; its weight is ``mlp.gate.weight [E, H]``.
 
     "softmax": softmax over all experts, top-k, optionally renormalised (Qwen, Mixtral,
-    OLMoE). "sigmoid": sigmoid scores; the choice adds ``e_score_correction_bias`` and
-    may be limited to the best ``topk_group`` of ``n_group`` expert groups; the weights
-    are the chosen scores, optionally renormalised, times ``routed_scaling_factor``
-    (GLM-4.5, DeepSeek-V3). "topk_softmax": the top-k logits (the router Linear may have a
-    ``bias``), softmax over those k (GPT-OSS).
+    OLMoE), times ``routed_scaling_factor``; the choice may be limited to the best
+    ``topk_group`` of ``n_group`` groups, each ranked by its best expert (DeepSeek-V2).
+    "sigmoid": sigmoid scores; the choice adds ``e_score_correction_bias`` and may be
+    limited to the best groups, each ranked by its best two experts; the weights are the
+    chosen scores, optionally renormalised, times ``routed_scaling_factor`` (GLM-4.5,
+    DeepSeek-V3). "topk_softmax": the top-k logits (the router Linear may have a ``bias``),
+    softmax over those k (GPT-OSS).
     """
 
     def __init__(self, args: ModelArgs) -> None:
@@ -420,6 +431,8 @@ class Router(nn.Module):
         self.kind = args.router
         self.norm_topk_prob = args.norm_topk_prob
         self.n_group, self.topk_group = args.n_group, args.topk_group
+        self.group_score = args.group_score
+        self.logits_fp32 = args.router_logits_fp32
         self.scaling = args.routed_scaling_factor
         self.weight = nn.Parameter(torch.empty(args.num_experts, args.hidden_size))
         nn.init.normal_(self.weight, std=0.02)
@@ -446,13 +459,40 @@ class Router(nn.Module):
         return ids_TK, F.softmax(values_TK, dim=-1, dtype=values_TK.dtype)
 
     def _softmax(self, x_TH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # transformers 5.23: logits in the model dtype, softmax and renormalisation
-        # in fp32. Matching it keeps bf16 routing decisions (ties) identical.
-        probs_TE = F.softmax(F.linear(x_TH, self.weight), dim=-1, dtype=torch.float32)
-        weights_TK, ids_TK = torch.topk(probs_TE, self.top_k, dim=-1)
+        # transformers 5.24: logits in the model dtype (DeepSeek-V2: in fp32, from the router
+        # weight it keeps in fp32), softmax and renormalisation in fp32. Matching it keeps
+        # bf16 routing decisions (ties) identical.
+        if self.logits_fp32:
+            logits_TE = F.linear(x_TH.float(), self.weight.float())
+        else:
+            logits_TE = F.linear(x_TH, self.weight)
+        probs_TE = F.softmax(logits_TE, dim=-1, dtype=torch.float32)
+        if self.n_group > 1:  # DeepSeek-V2 zeroes the other groups and takes the top-k of that
+            choice_TE = self._best_groups_only(probs_TE, 0.0)
+            weights_TK, ids_TK = torch.topk(choice_TE, self.top_k, dim=-1, sorted=False)
+        else:
+            weights_TK, ids_TK = torch.topk(probs_TE, self.top_k, dim=-1)
         if self.norm_topk_prob:
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
+        if self.scaling != 1.0:
+            weights_TK = weights_TK * self.scaling
         return ids_TK, weights_TK
+
+    def _best_groups_only(self, choice_TE: torch.Tensor, fill: float) -> torch.Tensor:
+        """``choice_TE`` with every expert outside the best ``topk_group`` of the ``n_group``
+        groups set to ``fill``; a group ranks by its best expert ("max") or the sum of its
+        best two ("top2_sum")."""
+        T, E = choice_TE.shape
+        per_group_TGX = choice_TE.view(T, self.n_group, E // self.n_group)
+        if self.group_score == "max":
+            group_scores_TG = per_group_TGX.max(dim=-1).values
+        else:
+            group_scores_TG = per_group_TGX.topk(2, dim=-1).values.sum(dim=-1)
+        groups_TK = group_scores_TG.topk(self.topk_group, dim=-1, sorted=False).indices
+        keep_TG = torch.zeros_like(group_scores_TG, dtype=torch.bool)
+        keep_TG.scatter_(1, groups_TK, True)
+        keep_TE = keep_TG[:, :, None].expand_as(per_group_TGX).reshape(T, E)
+        return choice_TE.masked_fill(~keep_TE, fill)
 
     def _sigmoid(self, x_TH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         scores_TE = F.linear(x_TH.float(), self.weight.float()).sigmoid()  # fp32, as transformers
@@ -460,14 +500,7 @@ class Router(nn.Module):
         if self.e_score_correction_bias is not None:
             choice_TE = scores_TE + self.e_score_correction_bias.float()
         if self.n_group > 1:
-            T, E = choice_TE.shape
-            per_group_TGX = choice_TE.view(T, self.n_group, E // self.n_group)
-            group_scores_TG = per_group_TGX.topk(2, dim=-1).values.sum(dim=-1)
-            groups_TK = group_scores_TG.topk(self.topk_group, dim=-1, sorted=False).indices
-            keep_TG = torch.zeros_like(group_scores_TG, dtype=torch.bool)
-            keep_TG.scatter_(1, groups_TK, True)
-            keep_TE = keep_TG[:, :, None].expand_as(per_group_TGX).reshape(T, E)
-            choice_TE = choice_TE.masked_fill(~keep_TE, float("-inf"))
+            choice_TE = self._best_groups_only(choice_TE, float("-inf"))
         ids_TK = choice_TE.topk(self.top_k, dim=-1, sorted=False).indices
         weights_TK = scores_TE.gather(1, ids_TK)
         if self.norm_topk_prob:
@@ -600,6 +633,13 @@ def grouped_expert_mlp(
     return _looped_linear(h_MI, down, counts, down_bias_EH)
 
 
+def inverse_permutation(order_M: torch.Tensor) -> torch.Tensor:
+    """``argsort(order_M)`` of a permutation, as one scatter instead of a sort."""
+    inverse_M = torch.empty_like(order_M)
+    inverse_M[order_M] = torch.arange(len(order_M), device=order_M.device)
+    return inverse_M
+
+
 def expert_counts(ids_M: torch.Tensor, num_experts: int) -> torch.Tensor:
     """``[E]`` rows routed to each expert. Not ``bincount``: on CUDA it reads the largest id on
     the host, a sync per MoE layer that also keeps a step out of a CUDA graph."""
@@ -676,10 +716,12 @@ class Experts(nn.Module):
         )
         # Un-sort and sum over k instead of index_add_: same result, but
         # deterministic on CUDA (no atomics) and every token gets exactly K rows.
-        y_TKH = y_MH[torch.argsort(order_M)].view(
+        y_TKH = y_MH[inverse_permutation(order_M)].view(
             T, K, x_TH.shape[-1]
         )  # -1 is ambiguous when T == 0
-        return (y_TKH * topk_weights_TK[..., None]).sum(dim=1)
+        # One batched [1, K] x [K, H] product per token: it reads the expert outputs once,
+        # where a multiply and a sum would write and read them again.
+        return torch.bmm(topk_weights_TK[:, None, :], y_TKH).squeeze(1)
 
 
 class MoE(nn.Module):
@@ -780,9 +822,10 @@ class Transformer(nn.Module):
             positions_BT,
             args.rotary_dim,
             args.rope_theta,
-            h_BTH.dtype,
+            torch.float32 if args.rope_fp32 else h_BTH.dtype,  # DeepSeek-V2 rotates in fp32
             args.rope_interleaved,
             yarn=args.yarn,
+            polar=args.rope_fp32,
         )
         cos_TR, sin_TR = cos_BTR[:, None], sin_BTR[:, None]  # [B, 1, T, R]: broadcast over heads
         for layer in self.layers:

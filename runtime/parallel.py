@@ -44,7 +44,7 @@ from reshard.placements import Placement, Replicate, Shard, StridedShard
 from reshard.plan import ParamPlan
 from reshard.runtime import collectives as C
 from reshard.runtime.mla import MLAttention
-from reshard.runtime.model import MLP, CausalLM, MoE, RMSNorm
+from reshard.runtime.model import MLP, CausalLM, MoE, RMSNorm, inverse_permutation
 
 
 def _new_group(layout: Layout, rank: int, key) -> dist.ProcessGroup | None:
@@ -202,9 +202,7 @@ class _MoEHooks:
         g, s = self.groups, self.state
         if C.group_size(g.ep) > 1:
             y_MH = C.all_to_all(y, s.in_splits, s.out_splits, g.ep)
-            inverse_M = torch.empty_like(s.order_M)
-            inverse_M[s.order_M] = torch.arange(len(s.order_M), device=s.order_M.device)
-            y = y_MH[inverse_M].view(-1, s.topk, y_MH.shape[-1]).sum(dim=1)
+            y = y_MH[inverse_permutation(s.order_M)].view(-1, s.topk, y_MH.shape[-1]).sum(dim=1)
         return C.reduce_from(y, self.expert_tp)
 
     def after_moe(self, out_1TH: torch.Tensor) -> torch.Tensor:

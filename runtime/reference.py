@@ -76,6 +76,7 @@ def streamed_reference(source: Source, ids_BT: torch.Tensor, out: Path) -> None:
         torch.float32,
         args.rope_interleaved,
         yarn=args.yarn,
+        polar=args.rope_fp32,
     )
     with ShardWriter(out, _entries(order, ids_BT, args.vocab_size)) as writer:
         writer.write("input_ids", ids_BT)

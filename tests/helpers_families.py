@@ -194,6 +194,43 @@ FAMILIES: dict[str, FamilyCase] = {
                 "mscale_all_dim": 0.8,
             },
         ),
+        # DeepSeek-V2-Lite's shape (one q_proj: q_lora_rank null) with V2.5's grouped routing:
+        # softmax scores, the better of 2 groups of 4 experts, each group ranked by its best
+        # expert, scaled weights (not renormalised), two shared experts; MLA and YaRN as in
+        # deepseek_v3 above, RoPE rotated as complex numbers in fp32.
+        _case(
+            "deepseek_v2",
+            "DeepseekV2Config",
+            "model.layers.{layer}.mlp.experts.0.gate_proj.weight",
+            first_moe_layer=1,
+            num_key_value_heads=8,
+            num_hidden_layers=3,
+            n_routed_experts=8,
+            topk_method="group_limited_greedy",
+            n_group=2,
+            topk_group=1,
+            n_shared_experts=2,
+            first_k_dense_replace=1,
+            moe_intermediate_size=32,
+            intermediate_size=96,
+            routed_scaling_factor=2.5,
+            q_lora_rank=None,
+            kv_lora_rank=20,
+            qk_nope_head_dim=12,
+            qk_rope_head_dim=16,
+            v_head_dim=10,
+            max_position_embeddings=1024,
+            rope_parameters={
+                "rope_type": "yarn",
+                "rope_theta": 10000.0,
+                "factor": 4.0,
+                "original_max_position_embeddings": 256,
+                "beta_fast": 32.0,
+                "beta_slow": 1.0,
+                "mscale": 1.0,
+                "mscale_all_dim": 0.8,
+            },
+        ),
         # Already-fused experts stored [E, H, 2I] / [E, I, H], top-1 sigmoid router scaling the
         # experts' input, a shared expert, MoE on layers 1 and 3 (dense 0 and 2), layer 3
         # without RoPE (temperature-tuned queries, floor_scale 4 so it matters at 19 tokens),

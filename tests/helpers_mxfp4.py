@@ -26,16 +26,11 @@ import torch
 from helpers_families import build_model, hf_state, write_byte_tokenizer
 from safetensors.torch import save_file
 
+from reshard.synth import PRESETS
+
 E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
-QUANTIZATION_CONFIG = {  # as openai/gpt-oss-120b's config.json has it
-    "modules_to_not_convert": [
-        "model.layers.*.self_attn",
-        "model.layers.*.mlp.router",
-        "model.embed_tokens",
-        "lm_head",
-    ],
-    "quant_method": "mxfp4",
-}
+# As openai/gpt-oss-120b's config.json has it (reshard synth's preset copies the release).
+QUANTIZATION_CONFIG = PRESETS["gpt-oss-120b"][0]["quantization_config"]
 EXPERTS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 
 

@@ -40,7 +40,7 @@ from reshard.sources import open_source
 
 pytest.importorskip("transformers")
 
-NEW = ["qwen2_moe", "mixtral", "olmoe", "glm4_moe", "llama4_text", "deepseek_v3", "gpt_oss"]
+NEW = [family for family in FAMILIES if family != "qwen3_moe"]  # qwen3_moe came first
 LAYOUTS = ["tp2", "ep2tp2", "tp4-tp2ep"]
 
 
@@ -111,9 +111,9 @@ YARN = {
 }
 
 
-@pytest.mark.parametrize("model_type", sorted(set(FAMILIES) - {"deepseek_v3"}))
+@pytest.mark.parametrize("model_type", sorted(set(FAMILIES) - {"deepseek_v2", "deepseek_v3"}))
 def test_yarn_rope_matches_transformers(model_type):
-    """YaRN runs through the RoPE tables every family shares (deepseek_v3's case has it on
+    """YaRN runs through the RoPE tables every family shares (the DeepSeek cases have it on
     already): each family's logits with YaRN on match transformers', and differ from plain RoPE."""
     rope = {**FAMILIES[model_type].kwargs.get("rope_parameters", {}), **YARN}
     hf = build_model(
@@ -148,6 +148,99 @@ def test_mla_with_a_plain_q_proj_matches_transformers():
     )
     with torch.no_grad():
         assert (ours(ids) - hf(input_ids=ids).logits).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"topk_method": "greedy"},  # DeepSeek-V2-Lite's router: top-k over every expert
+        {"q_lora_rank": 32},  # DeepSeek-V2's queries: the low-rank pair
+    ],
+    ids=["greedy", "q_lora"],
+)
+def test_deepseek_v2_variants_match_transformers(overrides):
+    """The variants of the tiny deepseek_v2 case (group-limited routing, one q_proj) that
+    DeepSeek-V2 releases differ in."""
+    hf = build_model("deepseek_v2", overrides=overrides)
+    args = get_spec("deepseek_v2").parse_config(hf.config.to_dict())
+    assert param_shapes(args) == {n: tuple(t.shape) for n, t in hf_state(hf).items()}
+    ours = CausalLM(args).eval()
+    ours.load_state_dict(hf_state(hf), strict=True)
+    ids = torch.randint(
+        0, hf.config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(3)
+    )
+    with torch.no_grad():
+        assert (ours(ids) - hf(input_ids=ids).logits).abs().max().item() < 1e-5
+
+
+def test_each_deepseek_v2_router_feature_changes_the_logits(written):
+    """Each way DeepSeek-V2's router differs from DeepSeek-V3's matters on the tiny case: the
+    runtime model with it done the other way misses transformers' logits, so the parity tests
+    here and in test_runtime_parity.py would catch it done wrong."""
+    hf = build_model("deepseek_v2")
+    args = _args("deepseek_v2", written["deepseek_v2"])
+    assert (args.router, args.group_score, args.n_group) == ("softmax", "max", 2)
+    ids = torch.randint(
+        0, hf.config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(3)
+    )
+
+    def error(args) -> float:
+        ours = CausalLM(args).eval()
+        ours.load_state_dict(hf_state(hf), strict=True)
+        with torch.no_grad():
+            return (ours(ids) - hf(input_ids=ids).logits).abs().max().item()
+
+    assert error(args) < 1e-5
+    variants = {
+        "groups ranked by their best two": dataclasses.replace(args, group_score="top2_sum"),
+        "no group limit": dataclasses.replace(args, n_group=1, topk_group=1),
+        "not scaled": dataclasses.replace(args, routed_scaling_factor=1.0),
+        "renormalised": dataclasses.replace(args, norm_topk_prob=True),
+        "sigmoid scores": dataclasses.replace(args, router="sigmoid"),
+    }
+    for what, variant in variants.items():
+        assert error(variant) > 1e-2, what
+
+
+def test_deepseek_v2_rounds_rope_and_router_where_transformers_does():
+    """In bf16, DeepSeek-V2's RoPE (complex pairs in fp32, cast back) and router (fp32 logits)
+    give transformers' bits: RoPE against its `apply_rotary_emb` on 1000 positions of YaRN, the
+    router against `DeepseekV2TopkRouter`. DeepSeek-V3's way (halves rotated in bf16) does not."""
+    from transformers.models.deepseek_v2.modeling_deepseek_v2 import apply_rotary_emb
+
+    from reshard.runtime.mla import MLAttention, pairs_to_halves
+    from reshard.runtime.model import Router, rope_cos_sin
+
+    hf = build_model("deepseek_v2")
+    args = get_spec("deepseek_v2").parse_config(hf.config.to_dict())
+    g = torch.Generator().manual_seed(0)
+    positions = torch.arange(1000)[None]
+    q = (3 * torch.randn(2, 8, 1000, 16, generator=g)).bfloat16()
+    k = (3 * torch.randn(2, 1, 1000, 16, generator=g)).bfloat16()
+    want_q, want_k = apply_rotary_emb(q, k, hf.model.rotary_emb(q, positions))
+
+    def rotated(args, x: torch.Tensor) -> torch.Tensor:
+        dtype = torch.float32 if args.rope_fp32 else x.dtype  # as Transformer.forward builds them
+        tables = rope_cos_sin(
+            positions, 16, args.rope_theta, dtype, args.rope_interleaved, args.yarn, args.rope_fp32
+        )
+        return MLAttention(args, 0)._rope(x, *(t[:, None] for t in tables))
+
+    assert torch.equal(rotated(args, q), want_q)
+    assert torch.equal(rotated(args, k), want_k)
+    v3_way = dataclasses.replace(args, rope_interleaved=False, rope_fp32=False)
+    assert not torch.equal(rotated(v3_way, q), pairs_to_halves(want_q))
+
+    gate = hf.model.layers[1].mlp.gate  # its weight fp32, as transformers keeps it
+    router = Router(args)
+    with torch.no_grad():
+        gate.weight.copy_(gate.weight.bfloat16())  # a bf16 checkpoint's values
+        router.weight.copy_(gate.weight)
+    x = (2 * torch.randn(500, 64, generator=g)).bfloat16()
+    _, want_weights, want_ids = gate(x)
+    ids, weights = router(x)
+    assert torch.equal(ids, want_ids)
+    assert torch.equal(weights, want_weights.bfloat16())  # the runtime hands experts x's dtype
 
 
 def test_each_gpt_oss_feature_changes_the_logits(written):

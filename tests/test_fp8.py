@@ -547,12 +547,16 @@ def test_synth_fp8_writes_what_transformers_fp8_model_holds(tmp_path):
 
 
 def test_qwen3_30b_a3b_fp8_at_real_size_plans_where_blocks_fit(tmp_path):
-    """The release's shapes (two of its 48 layers): experts of 768 rows in 128-row blocks split
-    over tp2 (384 rows, 3 blocks), not tp4 (192 rows); whole experts per rank (-tp2ep) fit any
-    tp, and so do 4 k/v heads of 128 rows repeated over tp8."""
-    from reshard.synth import preset
+    """The release's own config.json (tests/fixtures; two of its 48 layers): experts of 768 rows
+    in 128-row blocks split over tp2 (384 rows, 3 blocks), not tp4 (192 rows); whole experts per
+    rank (-tp2ep) fit any tp, and so do 4 k/v heads of 128 rows repeated over tp8. `reshard
+    synth --like qwen3-30b-a3b-fp8` writes that config's shapes."""
+    from reshard.synth import hf_tensor_dtypes, preset
 
-    config, _ = preset("qwen3-30b-a3b-fp8", layers=2)
+    fixture = Path(__file__).parent / "fixtures" / "Qwen--Qwen3-30B-A3B-FP8.config.json"
+    config = {**json.loads(fixture.read_text()), "num_hidden_layers": 2}
+    synth, _ = preset("qwen3-30b-a3b-fp8", layers=2)
+    assert hf_tensor_dtypes(synth, torch.bfloat16) == hf_tensor_dtypes(config, torch.bfloat16)
     src = _sparse_checkpoint(tmp_path / "src", config)
     with pytest.raises(LayoutError) as e:
         make_plan(open_source(str(src)), Layout.parse("ep4tp4"))

@@ -48,6 +48,7 @@ EXPERT_COUNT_KEY = {
     "olmoe": "num_experts",
     "glm4_moe": "n_routed_experts",
     "llama4_text": "num_local_experts",
+    "deepseek_v2": "n_routed_experts",
     "deepseek_v3": "n_routed_experts",
     "gpt_oss": "num_local_experts",
 }
@@ -245,6 +246,14 @@ PRESENT: dict[str, dict[str, tuple[int, ...]]] = {
         "model.layers.1.mlp.shared_experts.gate_proj.weight": (EXPERT_FFN, HIDDEN),
         "model.layers.0.mlp.gate_proj.weight": (96, HIDDEN),  # layer 0 dense
     },
+    "deepseek_v2": {  # MLA as deepseek_v3's, with one q_proj (q_lora_rank null)
+        "model.layers.0.self_attn.q_proj.weight": (8 * (12 + 16), HIDDEN),
+        "model.layers.0.self_attn.kv_a_proj_with_mqa.weight": (20 + 16, HIDDEN),
+        "model.layers.0.self_attn.kv_b_proj.weight": (8 * (12 + 10), 20),
+        "model.layers.1.mlp.gate.weight": (NUM_EXPERTS, HIDDEN),
+        "model.layers.1.mlp.shared_experts.gate_proj.weight": (2 * EXPERT_FFN, HIDDEN),
+        "model.layers.0.mlp.gate_proj.weight": (96, HIDDEN),  # layer 0 dense
+    },
 }
 ABSENT: dict[str, tuple[str, ...]] = {
     "qwen3_moe": ("model.layers.1.self_attn.q_proj.bias", "model.layers.0.mlp.gate_proj.weight"),
@@ -259,6 +268,11 @@ ABSENT: dict[str, tuple[str, ...]] = {
         "model.layers.0.mlp.gate.weight",
         "model.layers.1.self_attn.q_proj.weight",  # q_lora_rank is set: q_a / q_b instead
         "model.layers.1.self_attn.k_proj.weight",
+    ),
+    "deepseek_v2": (
+        "model.layers.1.self_attn.q_a_proj.weight",  # q_lora_rank is null: one q_proj
+        "model.layers.1.self_attn.q_b_proj.weight",
+        "model.layers.1.mlp.gate.e_score_correction_bias",  # softmax router: no bias
     ),
 }
 
@@ -281,7 +295,7 @@ def test_distinguishing_features(family: str, written: dict[str, Path], loaded) 
         assert model.model.rotary_emb.inv_freq.shape == (16 // 2 // 2,)  # half of head_dim rotates
     if family == "olmoe":
         assert model.config.clip_qkv is None
-    if family == "deepseek_v3":  # YaRN: some frequencies kept, some blended, some divided by 4
+    if family in ("deepseek_v2", "deepseek_v3"):  # YaRN: frequencies kept, blended, divided by 4
         rotary = model.model.rotary_emb
         plain = 1.0 / 10000.0 ** (torch.arange(0, 16, 2).float() / 16)
         ratio = rotary.inv_freq / plain
@@ -341,6 +355,6 @@ def test_routing_spreads_over_experts(family: str, loaded: dict[str, torch.nn.Mo
         assert indices.shape == (3 * 13, 2), (i, indices.shape)
         used = indices.unique().numel()
         assert used >= NUM_EXPERTS // 2, f"layer {i} routes to only {used} experts"
-        if family in ("glm4_moe", "deepseek_v3"):  # topk_group=1 of n_group=2: one group of 4
+        if family in ("glm4_moe", "deepseek_v2", "deepseek_v3"):  # 1 of 2 groups of 4 kept
             groups = indices // (NUM_EXPERTS // 2)
             assert torch.equal(groups[:, 0], groups[:, 1]), i

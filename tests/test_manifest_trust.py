@@ -21,8 +21,8 @@ from helpers_cli import one_error_line, reshard_cmd
 
 from reshard.checkpoint import ShardedCheckpoint
 from reshard.errors import CheckpointError
+from reshard.hash_cache import sha256_file
 from reshard.runtime import load_local_tensors
-from reshard.writer import sha256_file
 
 GATE_UP = "model.layers.0.mlp.experts.gate_up_proj"
 

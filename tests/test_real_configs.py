@@ -169,6 +169,121 @@ def test_plan_of_the_full_release_at_ep8tp8(repo, tmp_path):
     assert "total " in result.output.splitlines()[-1]
 
 
+# --- DeepSeek-V2-Lite -----------------------------------------------------------------------------
+
+DEEPSEEK_V2_LITE = "deepseek-ai/DeepSeek-V2-Lite"
+
+
+def test_deepseek_v2_lite_hub_config_parses_to_the_published_model():
+    """Oracles: the numbers in the config, and the release's 15,706,484,224 parameters (the sum
+    over its safetensors files) with the card's 2.4B active per token (counted, as OpenAI
+    counts gpt-oss's, without the input embedding table)."""
+    cfg = hub_config(DEEPSEEK_V2_LITE)
+    args = get_spec(cfg["model_type"]).parse_config(cfg)
+    mla = args.mla
+    assert mla.q_lora_rank is None and mla.kv_lora_rank == 512  # one q_proj, no low-rank pair
+    assert (mla.qk_nope_head_dim, mla.qk_rope_head_dim, mla.v_head_dim) == (128, 64, 128)
+    assert (args.hidden_size, args.num_layers, args.num_heads, args.head_dim) == (2048, 27, 16, 192)
+    assert args.rope_interleaved and args.rope_fp32  # V2's complex RoPE on DeepSeek's pairs
+    assert args.yarn.factor == 40 and args.yarn.original_max_position_embeddings == 4096
+    assert args.yarn.cos_sin_scale == 1.0  # mscale == mscale_all_dim: only the softmax scale moves
+    assert (args.num_experts, args.top_k, args.moe_intermediate_size) == (64, 6, 1408)
+    assert args.router == "softmax" and args.router_logits_fp32 and not args.router_bias
+    assert (args.n_group, args.routed_scaling_factor, args.norm_topk_prob) == (1, 1.0, False)
+    assert args.shared_expert_intermediate_size == 2 * 1408
+    assert args.dense_layers == (0,) and args.intermediate_size == 10944
+
+    shapes = param_shapes(args)
+    total = sum(math.prod(s) for s in shapes.values())
+    active = sum(
+        math.prod(s) * (args.top_k / args.num_experts if ".experts." in n else 1)
+        for n, s in shapes.items()
+    )
+    active -= math.prod(shapes["model.embed_tokens.weight"])
+    assert total == 15_706_484_224
+    assert round(active / 1e9, 1) == 2.5, active  # the card rounds it down: "2.4B"
+
+
+def test_deepseek_v2_lite_hub_config_builds_transformers_own_tensors_and_rope():
+    """transformers' DeepseekV2ForCausalLM from the same config (on the meta device) has exactly
+    our parameter table, our YaRN frequencies and cos/sin scale, and our softmax scale."""
+    transformers = pytest.importorskip("transformers")
+    from reshard.runtime.mla import MLAttention
+    from reshard.runtime.rope import yarn_inv_freq
+
+    cfg = hub_config(DEEPSEEK_V2_LITE)
+    hf_config = transformers.AutoConfig.for_model(**cfg)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(hf_config)
+    args = get_spec("deepseek_v2").parse_config(cfg)
+    assert param_shapes(args) == {n: tuple(t.shape) for n, t in model.state_dict().items()}
+    rotary = type(model.model.rotary_emb)(hf_config)  # a real one, on the CPU
+    assert torch.equal(yarn_inv_freq(args.yarn, args.rotary_dim, args.rope_theta), rotary.inv_freq)
+    assert args.yarn.cos_sin_scale == pytest.approx(rotary.attention_scaling, rel=1e-12)
+    with torch.device("meta"):
+        ours = MLAttention(args, layer_idx=0)
+    assert ours.scale == pytest.approx(model.model.layers[0].self_attn.scaling, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"scoring_func": "sigmoid"}, "scoring_func is 'sigmoid'; reshard supports only 'softmax'"),
+        ({"topk_method": "noaux_tc"}, "topk_method is 'noaux_tc'; reshard supports 'greedy' and"),
+        ({"norm_topk_prob": True}, "norm_topk_prob is True"),
+        ({"mlp_bias": True}, "mlp_bias is True"),
+        ({"moe_layer_freq": 2}, "moe_layer_freq is 2"),
+        ({"attention_bias": True}, "attention_bias is True"),
+        ({"topk_method": "group_limited_greedy", "n_group": None}, "lacks n_group"),
+    ],
+)
+def test_deepseek_v2_what_the_runtime_lacks_is_refused_naming_the_field(change, match):
+    with pytest.raises(ValueError, match=match):
+        get_spec("deepseek_v2").parse_config({**hub_config(DEEPSEEK_V2_LITE), **change})
+
+
+@pytest.mark.parametrize("method, groups", [("greedy", (1, 1)), ("group_limited_greedy", (8, 3))])
+def test_deepseek_v2_groups_limit_the_choice_only_for_group_limited_greedy(method, groups):
+    """DeepSeek-V2 and V2.5 (`group_limited_greedy`, 8 groups, 3 kept) limit the choice to the
+    best groups; V2-Lite (`greedy`) picks from every expert, whatever n_group says."""
+    change = {"n_routed_experts": 160, "n_group": 8, "topk_group": 3, "topk_method": method}
+    args = get_spec("deepseek_v2").parse_config({**hub_config(DEEPSEEK_V2_LITE), **change})
+    assert (args.n_group, args.topk_group) == groups
+    assert args.group_score == "max"  # a group ranks by its best expert
+
+
+def test_deepseek_v2_lite_plan_at_ep8tp2(tmp_path):
+    """The bf16 release on 16 ranks: experts split 8 ways by EP and their I-slices 2 ways,
+    the plain q_proj (no low-rank pair) by heads like q_b_proj, the latent whole."""
+    config = hub_config(DEEPSEEK_V2_LITE)
+    src = tmp_path / "src"
+    data_bytes = write_sparse_checkpoint(src, config)
+    assert data_bytes == 2 * 15_706_484_224
+
+    plan = make_plan(open_source(str(src)), Layout.parse("ep8tp2"))
+    per_rank = [plan.rank_bytes(r) for r in range(16)]
+    assert len(set(per_rank)) == 1
+    # Experts (92% of the bytes) split 16 ways; attention, dense MLP and vocab 2 ways.
+    assert data_bytes / 16 < per_rank[0] < data_bytes / 8
+    layer = "model.layers.1."
+    assert plan.params[layer + "self_attn.q_proj.weight"].placements == (Replicate(), Shard(0))
+    assert plan.params[layer + "self_attn.kv_b_proj.weight"].placements == (Replicate(), Shard(0))
+    assert plan.params[layer + "self_attn.o_proj.weight"].placements == (Replicate(), Shard(1))
+    latent = layer + "self_attn.kv_a_proj_with_mqa.weight"
+    assert plan.params[latent].placements == (Replicate(), Replicate())
+    assert plan.params[layer + "mlp.experts.down_proj"].placements == (Shard(0), Shard(2))
+    assert plan.params[layer + "mlp.gate.weight"].placements == (Replicate(), Replicate())
+
+    result = CliRunner().invoke(cli, ["plan", "--src", str(src), "--layout", "ep8tp2"])
+    assert result.exit_code == 0, result.output
+    assert "16 ranks, mesh {'ep': 8, 'tp': 2}" in result.output
+    rows = [line for line in result.output.splitlines() if re.match(r"\| \d+ \|", line)]
+    assert len(rows) == 16
+    assert rows[0].startswith("| 0 | ep=0, tp=0 | 0-7 |")
+    assert rows[15].startswith("| 15 | ep=7, tp=1 | 56-63 |")
+    assert "total " in result.output.splitlines()[-1]
+
+
 # --- GPT-OSS ---------------------------------------------------------------------------------------
 
 GPT_OSS_120B = "openai/gpt-oss-120b"

@@ -102,7 +102,6 @@ def test_a_rank_file_is_hashed_once_and_its_hash_recorded(tmp_path, monkeypatch)
     """Integrity off the load's critical path: convert records each rank file's hash from its
     writer, so loading after converting reads nothing extra; a changed file is hashed again
     (and refused when damaged); `reshard verify` always reads."""
-    import reshard.checkpoint
     import reshard.hash_cache
     from reshard.convert import convert, make_plan
     from reshard.errors import CheckpointError
@@ -112,7 +111,7 @@ def test_a_rank_file_is_hashed_once_and_its_hash_recorded(tmp_path, monkeypatch)
 
     out = tmp_path / "ep2"
     convert(make_plan(open_source("tiny:qwen3_moe"), Layout.parse("ep2")), out, progress=False)
-    hashed = count_hashing(monkeypatch, reshard.hash_cache, reshard.checkpoint)
+    hashed = count_hashing(monkeypatch, reshard.hash_cache)
     rank1 = out / "rank-00001-of-00002.safetensors"
     for rank in (0, 1, 0):
         load_local_tensors(out, rank=rank)
@@ -129,3 +128,36 @@ def test_a_rank_file_is_hashed_once_and_its_hash_recorded(tmp_path, monkeypatch)
     hashed.clear()
     ShardedCheckpoint(out).check_rank_file(0)  # what `reshard verify` runs: always reads
     assert hashed == ["rank-00000-of-00002.safetensors"]
+
+
+def test_prefetched_hashes_are_read_once_in_the_background_and_only_while_unchanged(
+    tmp_path, monkeypatch
+):
+    """`prefetch` (what a command starts before `import torch`) hashes in its own threads; the
+    command then takes that result without reading the file again, unless the file changed
+    since, and a file the cache knows unchanged is not read at all."""
+    import hashlib
+    import time
+
+    import reshard.hash_cache as hc
+
+    monkeypatch.setenv("RESHARD_CACHE", str(tmp_path / "cache"))
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    a.write_bytes(b"a" * 100_000)
+    b.write_bytes(b"b" * 100_000)
+    hashed = count_hashing(monkeypatch, hc)
+    hc.prefetch([a, b])
+    deadline = time.monotonic() + 10
+    while len(hashed) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sorted(hashed) == [a.name, b.name]  # on its own, before anyone asked
+    assert hc.cached_sha256([a, b]) == {
+        p: hashlib.sha256(p.read_bytes()).hexdigest() for p in (a, b)
+    }
+    assert sorted(hashed) == [a.name, b.name]  # taken from the prefetch, not read again
+    hc.prefetch([a, b])
+    time.sleep(0.3)
+    assert len(hashed) == 2  # files the cache knows unchanged are not prefetched
+    hc.prefetch([a], cached=False)
+    a.write_bytes(b"c" * 100_001)  # changed after the prefetch started: its result is stale
+    assert hc.sha256_of(a) == hashlib.sha256(b"c" * 100_001).hexdigest()
