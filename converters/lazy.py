@@ -25,6 +25,7 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -107,7 +108,7 @@ class FileSpan:
 Segment = FileSpan | torch.Tensor
 
 # Covering reads of column slices kept for the other TP ranks (bytes, least recently used out).
-SPAN_CACHE = 32 << 20
+SPAN_CACHE = 16 << 20
 
 # A contiguous run of a box shorter than this is read with its neighbours by `read` (one
 # covering read, then torch picks the elements) instead of as a FileSpan of its own.
@@ -180,31 +181,46 @@ class SliceReader:
             self.read_into(path, tensor.offset + first * item, _bytes_of(span), f"tensor {name}")
             return span.view(shape)
         # A column slice: the TP ranks written at the same time each need other columns of
-        # the same rows, so the covering read is shared through a small cache.
-        span = self._covering(
-            path, name, tensor.offset + first * item, last - first + 1, tensor.dtype
-        )
-        return span.as_strided(shape, strides).contiguous()
+        # the same rows. The covering read is widened to whole rows (of the last dim), so it
+        # is the same read for every rank, shared through a small cache.
+        row = tensor.shape[-1]
+        start, end = first - first % row, last + row - last % row
+        span = self._covering(path, name, tensor.offset + start * item, end - start, tensor.dtype)
+        return span.as_strided(shape, strides, first - start).contiguous()
 
     def _covering(
         self, path: str, name: str, offset: int, count: int, dtype: torch.dtype
     ) -> torch.Tensor:
+        """`count` elements from `offset`, read once for every thread that asks while they are
+        cached or being read: a rank asking for rows another rank is reading waits for them."""
         key = (path, offset, count)
+        nbytes = count * torch.empty((), dtype=dtype).element_size()
+        future: Future | None = None
         with self._lock:
-            span = self._spans.get(key)
-            if span is not None:
+            entry = self._spans.get(key)
+            if entry is not None:
                 self._spans.move_to_end(key)
-                return span
-        span = torch.empty(count, dtype=dtype)
-        self.read_into(path, offset, _bytes_of(span), f"tensor {name}")
-        nbytes = count * span.element_size()
-        if nbytes <= SPAN_CACHE // 4:
-            with self._lock:
-                self._spans[key] = span
+            elif nbytes <= SPAN_CACHE // 4:
+                future = Future()
+                self._spans[key] = (future, nbytes)
                 self._cached += nbytes
-                while self._cached > SPAN_CACHE:
-                    _, dropped = self._spans.popitem(last=False)
-                    self._cached -= dropped.numel() * dropped.element_size()
+                while self._cached > SPAN_CACHE:  # least recently used out
+                    _, (_, dropped) = self._spans.popitem(last=False)
+                    self._cached -= dropped
+        if entry is not None:
+            return entry[0].result()
+        span = torch.empty(count, dtype=dtype)
+        try:
+            self.read_into(path, offset, _bytes_of(span), f"tensor {name}")
+        except BaseException as e:
+            if future is not None:
+                with self._lock:  # not kept: the next asker reads again
+                    if self._spans.get(key, (None,))[0] is future:
+                        self._cached -= self._spans.pop(key)[1]
+                future.set_exception(e)
+            raise
+        if future is not None:
+            future.set_result(span)
         return span
 
 

@@ -10,6 +10,8 @@ import dataclasses
 import json
 import re
 import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -633,3 +635,37 @@ def test_each_rank_reads_only_its_bytes(layout, source_bytes):
             assert held == set(range(first, first + per)), rank
     # Every expert byte is read once per EP replica (dp copies), no more.
     assert expert_read_sum == total_expert * replicas
+
+
+def test_column_slices_of_every_tp_rank_share_one_read_of_their_rows(tmp_path, monkeypatch):
+    """tp8's down_proj pieces: each rank takes an eighth of the columns of the same rows. Their
+    covering reads are the same whole rows, so the file is read once for all eight ranks, not
+    once per rank (each of which would read nearly the whole expert)."""
+    from safetensors.torch import save_file
+
+    from reshard.converters.lazy import SliceReader, SourceTensor
+
+    w_EHI = torch.randn(4, 16, 64)
+    path = tmp_path / "m.safetensors"
+    save_file({"w": w_EHI}, str(path))
+    reader, reads = SliceReader(), []
+    read_into = reader.read_into
+    monkeypatch.setattr(reader, "read_into", lambda *a: (reads.append(len(a[2])), read_into(*a))[1])
+    tensor = SourceTensor(str(path), "w", (4, 16, 64), torch.float32, reader)
+    for rank in range(8):
+        cols = (rank * 8, rank * 8 + 8)
+        got = tensor.read(((1, 2), (0, 16), cols))
+        assert torch.equal(got, w_EHI[1:2, :, cols[0] : cols[1]]), rank
+    assert reads == [16 * 64 * 4]  # expert 1's rows, once
+
+    def slow(*args):  # a read that takes a while: the other ranks ask while it is in flight
+        time.sleep(0.2)
+        return read_into(*args)
+
+    monkeypatch.setattr(reader, "read_into", lambda *a: (reads.append(len(a[2])), slow(*a))[1])
+    reads.clear()
+    with ThreadPoolExecutor(8) as pool:
+        boxes = [((2, 3), (0, 16), (r * 8, r * 8 + 8)) for r in range(8)]
+        got = list(pool.map(tensor.read, boxes))
+    assert torch.equal(torch.cat(got, dim=-1), w_EHI[2:3])
+    assert reads == [16 * 64 * 4]  # the seven others waited for the first one's read

@@ -259,7 +259,7 @@ def test_the_undamaged_file_is_accepted(valid, tmp_path):
     assert _same_as_safetensors(path)
 
 
-@settings(FUZZ, max_examples=2000)
+@settings(FUZZ, max_examples=1000)
 @given(data=st.data())
 def test_read_header_refuses_with_source_error_or_agrees_with_safetensors(valid, tmp_path, data):
     path = tmp_path / "damaged.safetensors"

@@ -297,7 +297,7 @@ def _run(directory: Path, manifest) -> str:
         path.write_bytes(original)
 
 
-@settings(FUZZ, max_examples=1500)
+@settings(FUZZ, max_examples=750)
 @given(data=st.data())
 def test_mutated_manifests_raise_only_checkpoint_error(manifest_dir, data):
     m = json.loads((manifest_dir / "reshard.json").read_text())

@@ -116,7 +116,7 @@ def _check_against_safetensors(path: Path) -> str:
     return "accepted"
 
 
-@settings(FUZZ, max_examples=2000)
+@settings(FUZZ, max_examples=1000)
 @given(data=st.data())
 def test_read_header_fuzz(valid_file, tmp_path, data):
     header, data_bytes = valid_file
