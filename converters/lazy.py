@@ -194,7 +194,7 @@ class SliceReader:
         """`count` elements from `offset`, read once for every thread that asks while they are
         cached or being read: a rank asking for rows another rank is reading waits for them."""
         key = (path, offset, count)
-        nbytes = count * torch.empty((), dtype=dtype).element_size()
+        nbytes = count * dtype.itemsize
         future: Future | None = None
         with self._lock:
             entry = self._spans.get(key)

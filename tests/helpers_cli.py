@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -19,6 +21,16 @@ def reshard_cmd() -> list[str]:
     """The installed console script (so its entry point is tested too), else `python -m`."""
     script = Path(sys.executable).with_name("reshard")
     return [str(script)] if script.is_file() else [sys.executable, "-m", "reshard.cli"]
+
+
+def run_reshard(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*reshard_cmd(), *args], capture_output=True, text=True, timeout=300)
+
+
+def last_json(result: subprocess.CompletedProcess) -> dict:
+    """The report a `--json` command printed last; the command must have succeeded."""
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads([x for x in result.stdout.splitlines() if x.startswith("{")][-1])
 
 
 def one_error_line(returncode: int, stderr: str, *fragments: str) -> str:

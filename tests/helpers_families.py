@@ -73,6 +73,37 @@ def _case(
     return FamilyCase(model_type, config_class, {**COMMON, **kwargs}, experts_key, first_moe_layer)
 
 
+# deepseek_v3's and deepseek_v2's tiny shape: MLA (nope / rope / v head dims all different, 8
+# kv heads as MLA has one key per head), 2 groups of 4 routed experts (1 kept), one dense first
+# layer, scaled weights; YaRN stretches RoPE 4x (original context 256: frequencies 0-3 blend,
+# 4-7 interpolate), and mscale_all_dim differs from mscale so both the cos/sin scale and the
+# softmax scale move.
+_TINY_DEEPSEEK = dict(
+    num_key_value_heads=8,
+    num_hidden_layers=3,
+    n_routed_experts=8,
+    n_group=2,
+    topk_group=1,
+    first_k_dense_replace=1,
+    moe_intermediate_size=32,
+    intermediate_size=96,
+    routed_scaling_factor=2.5,
+    kv_lora_rank=20,
+    qk_nope_head_dim=12,
+    qk_rope_head_dim=16,
+    v_head_dim=10,
+    max_position_embeddings=1024,
+    rope_parameters={
+        "rope_type": "yarn",
+        "rope_theta": 10000.0,
+        "factor": 4.0,
+        "original_max_position_embeddings": 256,
+        "beta_fast": 32.0,
+        "beta_slow": 1.0,
+        "mscale": 1.0,
+        "mscale_all_dim": 0.8,
+    },
+)
 FAMILIES: dict[str, FamilyCase] = {
     case.model_type: case
     for case in (
@@ -155,44 +186,18 @@ FAMILIES: dict[str, FamilyCase] = {
                 "partial_rotary_factor": 0.5,
             },
         ),
-        # GLM-4.5's MoE (as above) behind multi-head latent attention: q through a low-rank
-        # pair, keys and values from a latent, nope / rope / v head dims all different, rope
-        # dims interleaved; 8 kv heads, as MLA has one key per head. YaRN stretches RoPE 4x
-        # (original context 256: frequencies 0-3 blend, 4-7 interpolate); mscale_all_dim differs
-        # from mscale so both the cos/sin scale and the softmax scale move.
+        # GLM-4.5's MoE (as above) behind multi-head latent attention (_TINY_DEEPSEEK): q
+        # through a low-rank pair, keys and values from a latent, rope dims interleaved.
         _case(
             "deepseek_v3",
             "DeepseekV3Config",
             "model.layers.{layer}.mlp.experts.0.gate_proj.weight",
             first_moe_layer=1,
-            num_key_value_heads=8,
-            num_hidden_layers=3,
-            n_routed_experts=8,
-            n_group=2,
-            topk_group=1,
+            **_TINY_DEEPSEEK,
             n_shared_experts=1,
-            first_k_dense_replace=1,
-            moe_intermediate_size=32,
-            intermediate_size=96,
-            routed_scaling_factor=2.5,
             norm_topk_prob=True,
             q_lora_rank=32,
-            kv_lora_rank=20,
-            qk_nope_head_dim=12,
-            qk_rope_head_dim=16,
-            v_head_dim=10,
             rope_interleave=True,
-            max_position_embeddings=1024,
-            rope_parameters={
-                "rope_type": "yarn",
-                "rope_theta": 10000.0,
-                "factor": 4.0,
-                "original_max_position_embeddings": 256,
-                "beta_fast": 32.0,
-                "beta_slow": 1.0,
-                "mscale": 1.0,
-                "mscale_all_dim": 0.8,
-            },
         ),
         # DeepSeek-V2-Lite's shape (one q_proj: q_lora_rank null) with V2.5's grouped routing:
         # softmax scores, the better of 2 groups of 4 experts, each group ranked by its best
@@ -203,33 +208,10 @@ FAMILIES: dict[str, FamilyCase] = {
             "DeepseekV2Config",
             "model.layers.{layer}.mlp.experts.0.gate_proj.weight",
             first_moe_layer=1,
-            num_key_value_heads=8,
-            num_hidden_layers=3,
-            n_routed_experts=8,
+            **_TINY_DEEPSEEK,
             topk_method="group_limited_greedy",
-            n_group=2,
-            topk_group=1,
             n_shared_experts=2,
-            first_k_dense_replace=1,
-            moe_intermediate_size=32,
-            intermediate_size=96,
-            routed_scaling_factor=2.5,
             q_lora_rank=None,
-            kv_lora_rank=20,
-            qk_nope_head_dim=12,
-            qk_rope_head_dim=16,
-            v_head_dim=10,
-            max_position_embeddings=1024,
-            rope_parameters={
-                "rope_type": "yarn",
-                "rope_theta": 10000.0,
-                "factor": 4.0,
-                "original_max_position_embeddings": 256,
-                "beta_fast": 32.0,
-                "beta_slow": 1.0,
-                "mscale": 1.0,
-                "mscale_all_dim": 0.8,
-            },
         ),
         # Already-fused experts stored [E, H, 2I] / [E, I, H], top-1 sigmoid router scaling the
         # experts' input, a shared expert, MoE on layers 1 and 3 (dense 0 and 2), layer 3

@@ -23,12 +23,11 @@ import json
 import math
 import re
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from helpers_cli import one_error_line, reshard_cmd
+from helpers_cli import last_json, one_error_line, run_reshard
 from helpers_dist import quantized_rank_logits, run_on_ranks
 from helpers_families import FAMILIES, hf_greedy, load_hf_model
 from helpers_files import edit_rank_tensor
@@ -63,10 +62,6 @@ SCALE = "_scale_inv"
 # rows, kv_b_proj 20 columns, heads of 28 and 22 rows) are multiples of 4 only, and
 # transformers' quantizer leaves a weight its block does not divide unquantized.
 BLOCKS = {MODEL: BLOCK, "deepseek_v3": (4, 4)}
-
-
-def _reshard(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*reshard_cmd(), *args], capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -306,7 +301,7 @@ def test_a_layout_that_cuts_scale_blocks_is_refused_naming_what_fits(src):
     assert "weight_block_size [16, 16]" in str(e.value)
     for fit in ("tp4-tp2ep", "tp2"):  # and what it names does fit
         make_plan(open_source(str(src)), Layout.parse(fit))
-    result = _reshard("plan", "--src", str(src), "--layout", "ep2tp4")
+    result = run_reshard("plan", "--src", str(src), "--layout", "ep2tp4")
     one_error_line(
         result.returncode, result.stderr, "layout ep2tp4", "gate_up_proj",
         "weight_block_size [16, 16]", "layouts that fit: ep2tp4-tp2ep, ep2tp2, ep2",
@@ -318,7 +313,7 @@ def test_scales_without_an_fp8_config_are_refused(src, tmp_path):
     config = json.loads((copy / "config.json").read_text())
     del config["quantization_config"]
     (copy / "config.json").write_text(json.dumps(config))
-    result = _reshard("plan", "--src", str(copy), "--layout", "tp2")
+    result = run_reshard("plan", "--src", str(copy), "--layout", "tp2")
     one_error_line(
         result.returncode, result.stderr, "FP8 block scales (weight_scale_inv) need",
         "quantization_config", "this config has none",
@@ -380,7 +375,7 @@ def test_fp8_shards_reshard_and_export_back_exactly(src, converted, tmp_path):
     for rank in range(4):
         name = f"rank-{rank:05d}-of-00004.safetensors"
         assert (out / name).read_bytes() == (direct / name).read_bytes(), name
-    result = _reshard("export", str(converted("tp8-tp2ep")), "--out", str(tmp_path / "hf"), "-q")
+    result = run_reshard("export", str(converted("tp8-tp2ep")), "--out", str(tmp_path / "hf"), "-q")
     assert result.returncode == 0, result.stderr
     (original,) = src.glob("*.safetensors")
     want = load_file(str(original))
@@ -468,18 +463,18 @@ def test_greedy_generation_of_fp8_shards_matches_transformers(converted, dequant
     prompt_ids = Tokenizer.from_file(str(out / "tokenizer.json")).encode(prompt).ids
     assert len(prompt_ids) % 2 == 1
     want = hf_greedy(load_hf_model(dequantized_src), prompt_ids, 8)
-    result = _reshard(
+    result = run_reshard(
         "run", str(out), "--prompt", prompt, "--max-new-tokens", "8", "--json",
         "--device", "cpu", "--timeout", "180",
     )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    line = [x for x in result.stdout.splitlines() if x.startswith("{")][-1]
-    assert json.loads(line)["output_ids"] == want
+    assert last_json(result)["output_ids"] == want
 
 
 def test_validate_refuses_fp8_shards_in_one_line(converted, src):
     """validate compares gradients; float8 weights are not trained here, so it says what to do."""
-    result = _reshard("validate", str(converted("tp2")), "--against", str(src), "--device", "cpu")
+    result = run_reshard(
+        "validate", str(converted("tp2")), "--against", str(src), "--device", "cpu"
+    )
     one_error_line(result.returncode, result.stderr, "keeps FP8 weights", "--dtype fp32")
 
 

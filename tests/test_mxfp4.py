@@ -21,12 +21,11 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from helpers_cli import one_error_line, reshard_cmd
+from helpers_cli import last_json, one_error_line, run_reshard
 from helpers_dist import quantized_rank_logits, run_on_ranks
 from helpers_families import hf_greedy
 from helpers_files import edit_rank_tensor
@@ -51,10 +50,6 @@ pytest.importorskip("transformers")
 
 LAYOUTS = ["tp2", "ep2tp2", "tp4-tp2ep"]
 EXPERT_WEIGHTS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
-
-
-def _reshard(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*reshard_cmd(), *args], capture_output=True, text=True, timeout=300)
 
 
 def _world(layout: str) -> int:
@@ -123,7 +118,7 @@ def test_mxfp4_blocks_without_the_config_are_refused(src, tmp_path):
     config = json.loads((copy / "config.json").read_text())
     del config["quantization_config"]
     (copy / "config.json").write_text(json.dumps(config))
-    result = _reshard("plan", "--src", str(copy), "--layout", "tp2")
+    result = run_reshard("plan", "--src", str(copy), "--layout", "tp2")
     one_error_line(
         result.returncode, result.stderr, "layers.0.mlp.experts.down_proj_blocks", "quant_method"
     )
@@ -264,7 +259,7 @@ def test_mxfp4_shards_reshard_and_export_back_exactly(src, converted, tmp_path):
     for rank in range(4):
         name = f"rank-{rank:05d}-of-00004.safetensors"
         assert (out / name).read_bytes() == (direct / name).read_bytes(), name
-    result = _reshard("export", str(converted("ep2tp2")), "--out", str(tmp_path / "hf"), "-q")
+    result = run_reshard("export", str(converted("ep2tp2")), "--out", str(tmp_path / "hf"), "-q")
     assert result.returncode == 0, result.stderr
     want = load_file(str(src / "model.safetensors"))
     got = {
@@ -376,26 +371,25 @@ def test_greedy_generation_of_mxfp4_shards_matches_transformers(converted, src, 
     prompt = "Why is the sky blue"
     prompt_ids = Tokenizer.from_file(str(out / "tokenizer.json")).encode(prompt).ids
     want = hf_greedy(hf_model, prompt_ids, 8)
-    result = _reshard(
+    result = run_reshard(
         "run", str(out), "--prompt", prompt, "--max-new-tokens", "8", "--json",
         "--device", "cpu", "--timeout", "180",
     )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    line = [x for x in result.stdout.splitlines() if x.startswith("{")][-1]
-    assert json.loads(line)["output_ids"] == want
+    assert last_json(result)["output_ids"] == want
 
 
 def test_validate_refuses_mxfp4_shards_and_checks_a_dequantized_conversion(converted, src):
     """validate compares gradients, which MXFP4 weights have none of here: refused in one line;
     a --dtype fp32 conversion of the same source validates against transformers' model."""
-    result = _reshard("validate", str(converted("tp2")), "--against", str(src), "--device", "cpu")
+    result = run_reshard(
+        "validate", str(converted("tp2")), "--against", str(src), "--device", "cpu"
+    )
     one_error_line(result.returncode, result.stderr, "keeps MXFP4 weights", "--dtype fp32")
-    result = _reshard(
+    result = run_reshard(
         "validate", str(converted("ep2tp2", "fp32")), "--against", str(src),
         "--reference", "transformers", "--json", "--device", "cpu", "--timeout", "180",
     )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads([x for x in result.stdout.splitlines() if x.startswith("{")][-1])
+    report = last_json(result)
     assert report["ok"] is True and max(report["max_abs_diff"].values()) < 1e-4, report
 
 
@@ -462,7 +456,7 @@ def test_the_release_keeps_mxfp4_where_blocks_stay_whole(tmp_path):
     data_bytes = _sparse_release(src)
     assert 64e9 < data_bytes < 66e9  # the release's 65 GB: 4.25 bits per expert weight
 
-    result = _reshard("plan", "--src", str(src), "--layout", "ep8tp8")
+    result = run_reshard("plan", "--src", str(src), "--layout", "ep8tp8")
     one_error_line(
         result.returncode,
         result.stderr,
@@ -474,7 +468,7 @@ def test_the_release_keeps_mxfp4_where_blocks_stay_whole(tmp_path):
     per_rank = [plan.rank_bytes(r) for r in range(64)]
     assert len(set(per_rank)) == 1 and data_bytes / 64 < per_rank[0] < data_bytes / 16
     assert plan.quantization["quant_method"] == "mxfp4" and len(plan.quantization["blocks"]) == 72
-    result = _reshard("plan", "--src", str(src), "--layout", "ep8tp8-tp2ep")
+    result = run_reshard("plan", "--src", str(src), "--layout", "ep8tp8-tp2ep")
     assert result.returncode == 0, result.stderr
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ")][2:]
     assert len(rows) == 64
