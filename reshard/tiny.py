@@ -85,7 +85,7 @@ def _tokenizer_json() -> str:
 
 
 def _weights(
-    config: dict, tokenizer_json: str, steps: int = 200, seed: int = 0
+    config: dict, tokenizer_json: str, steps: int = 200, seed: int = 1
 ) -> dict[str, torch.Tensor]:
     """HF-named (per-expert) fp32 weights: seeded init, then a few seconds of training on CORPUS.
 
@@ -99,6 +99,10 @@ def _weights(
     from reshard.converters.lazy import InMemoryTensor
     from reshard.runtime.model import CausalLM, causal_lm_loss
 
+    threads = torch.get_num_threads()
+    # One thread: CPU kernels split float sums by thread, so a multi-threaded run trains a
+    # slightly different model each time (and a fresh checkpoint could land on a near tie).
+    torch.set_num_threads(1)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = CausalLM(get_spec("qwen3_moe").parse_config(config))
@@ -113,6 +117,7 @@ def _weights(
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+    torch.set_num_threads(threads)
     # Save in the Hugging Face layout: the spec's converters read backwards unfuse the experts.
     fused = {n: InMemoryTensor(p.detach().contiguous()) for n, p in model.named_parameters()}
     return {
