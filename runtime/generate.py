@@ -88,6 +88,11 @@ def generate(
     last_B = prompt_ids_BT[:, -1]
     input_ids_BT, start_pos = prompt_ids_BT, 0
     streamed: list[int] = []
+    # The host reads a step's tokens (eos check, streaming) only once the next step is queued,
+    # from a copy started before it: a read waits for the GPU, and the GPU would otherwise wait
+    # for the host to launch the next step after each read. The cost: one step too many when
+    # every row has finished.
+    unread: _StepRead | None = None
     for _ in range(max_new_tokens):
         logits_BV = step(input_ids_BT, start_pos)[:, -1]
         if generator is None and seed is not None:
@@ -97,12 +102,40 @@ def generate(
             next_B = sync(next_B)
         next_B = torch.where(finished_B, last_B, next_B)
         tokens.append(next_B[:, None])
-        if on_token is not None:
-            streamed.append(int(next_B[0]))  # one id per step, not all of them again
-            on_token(streamed)
         finished_B |= torch.isin(next_B, eos)
-        if finished_B.all():
+        if unread is not None and unread.finished(streamed, on_token):
+            tokens.pop()  # every row had finished: this step only repeated their eos
+            unread = None
             break
+        unread = _StepRead(next_B, finished_B)
         start_pos += input_ids_BT.shape[1]
         input_ids_BT, last_B = next_B[:, None], next_B
+    if unread is not None:
+        unread.finished(streamed, on_token)
     return torch.cat(tokens, dim=1)
+
+
+class _StepRead:
+    """A step's row-0 token and whether every row has finished, copied to the host without
+    waiting: on CUDA into pinned memory, behind an event, so reading it later waits for this
+    step only, not for the steps queued after it."""
+
+    def __init__(self, next_B: torch.Tensor, finished_B: torch.Tensor) -> None:
+        flags = torch.stack((next_B[0], finished_B.all().to(next_B.dtype)))
+        self.done: torch.cuda.Event | None = None
+        if flags.is_cuda:
+            self.flags = flags.to("cpu", non_blocking=True)
+            self.done = torch.cuda.Event()
+            self.done.record()
+        else:
+            self.flags = flags
+
+    def finished(self, streamed: list[int], on_token: Callable[[list[int]], None] | None) -> bool:
+        """Hand the token to ``on_token``; whether every row has finished."""
+        if self.done is not None:
+            self.done.synchronize()
+        token, finished = self.flags.tolist()
+        if on_token is not None:
+            streamed.append(token)  # one id per step, not all of them again
+            on_token(streamed)
+        return bool(finished)

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from reshard.architecture import ModelArgs, YaRN
+from reshard.runtime.indexed_experts import indexed_linear, indexed_runs
 from reshard.runtime.rope import yarn_inv_freq
 
 
@@ -649,8 +650,10 @@ def expert_counts(ids_M: torch.Tensor, num_experts: int) -> torch.Tensor:
 class Experts(nn.Module):
     """Routed experts as fused 3-D weights (transformers v5 layout).
 
-    ``forward`` is the whole local computation: sort the (token, expert) pairs
-    by expert, run ``grouped_expert_mlp``, weight and sum the top-k outputs. An
+    ``forward`` is the whole local computation: run each (token, expert) pair through its
+    expert (sorted by expert into ``grouped_expert_mlp``, or, for the few rows of a decode
+    step on CUDA, each row reading its own expert: ``indexed_experts``), then weight and sum
+    the top-k outputs. An
     EP dispatcher wraps or replaces it; the expert count is read from the
     weight, so a module holding a slice of the experts works unchanged.
     """
@@ -695,17 +698,36 @@ class Experts(nn.Module):
         """
         T, K = topk_ids_TK.shape
         ids_M = topk_ids_TK.reshape(-1)
-        order_M = torch.argsort(ids_M, stable=True)
-        counts_E = expert_counts(ids_M, self.gate_up_proj.shape[0])
-        x_MH = x_TH[order_M // K]
+        # Routed row m is token m // K's choice m % K, and reads x_RH[m // rows_per_x].
+        x_RH, rows_per_x = x_TH, K
         if self.scale_input:  # Llama 4 weights the experts' input; its experts have no bias
-            x_MH = x_MH * topk_weights_TK.reshape(-1, 1)[order_M]
+            x_RH, rows_per_x = (x_TH[:, None, :] * topk_weights_TK[..., None]).flatten(0, 1), 1
             topk_weights_TK = torch.ones_like(topk_weights_TK)
         down_bias_EH = self.down_proj_bias
         if down_bias_EH is not None and self.down_bias_share != 1.0:
             down_bias_EH = down_bias_EH * self.down_bias_share
+        if indexed_runs(x_TH, len(ids_M)):  # a few rows (decode): no sort
+            y_MH = self._indexed(x_RH, rows_per_x, ids_M, down_bias_EH)
+        else:
+            y_MH = self._sorted(x_RH, rows_per_x, ids_M, down_bias_EH)
+        y_TKH = y_MH.view(T, K, x_TH.shape[-1])  # -1 is ambiguous when T == 0
+        # One batched [1, K] x [K, H] product per token: it reads the expert outputs once,
+        # where a multiply and a sum would write and read them again.
+        return torch.bmm(topk_weights_TK[:, None, :], y_TKH).squeeze(1)
+
+    def _sorted(
+        self,
+        x_RH: torch.Tensor,
+        rows_per_x: int,
+        ids_M: torch.Tensor,
+        down_bias_EH: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Expert outputs of the routed rows, in their order, through rows sorted by expert
+        (``grouped_expert_mlp``)."""
+        order_M = torch.argsort(ids_M, stable=True)
+        counts_E = expert_counts(ids_M, self.gate_up_proj.shape[0])
         y_MH = grouped_expert_mlp(
-            x_MH,
+            x_RH[order_M // rows_per_x],
             counts_E,
             self.gate_up_proj,
             self.down_proj,
@@ -714,14 +736,25 @@ class Experts(nn.Module):
             gate_up_bias_EI=self.gate_up_proj_bias,
             down_bias_EH=down_bias_EH,
         )
-        # Un-sort and sum over k instead of index_add_: same result, but
-        # deterministic on CUDA (no atomics) and every token gets exactly K rows.
-        y_TKH = y_MH[inverse_permutation(order_M)].view(
-            T, K, x_TH.shape[-1]
-        )  # -1 is ambiguous when T == 0
-        # One batched [1, K] x [K, H] product per token: it reads the expert outputs once,
-        # where a multiply and a sum would write and read them again.
-        return torch.bmm(topk_weights_TK[:, None, :], y_TKH).squeeze(1)
+        # Un-sort with a gather instead of index_add_: same result, but deterministic on
+        # CUDA (no atomics).
+        return y_MH[inverse_permutation(order_M)]
+
+    def _indexed(
+        self,
+        x_RH: torch.Tensor,
+        rows_per_x: int,
+        ids_M: torch.Tensor,
+        down_bias_EH: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The same, each row reading its own expert's weights (``indexed_experts``)."""
+        gate_up_ENK, down_ENK = self.gate_up_proj, self.down_proj
+        if self.transposed:  # stored [E, in, out]: the kernel takes any strides
+            gate_up_ENK, down_ENK = gate_up_ENK.transpose(-2, -1), down_ENK.transpose(-2, -1)
+        h_MI = self.act(
+            indexed_linear(x_RH, ids_M, gate_up_ENK, self.gate_up_proj_bias, rows_per_x)
+        )
+        return indexed_linear(h_MI, ids_M, down_ENK, down_bias_EH)
 
 
 class MoE(nn.Module):

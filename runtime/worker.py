@@ -164,7 +164,8 @@ class Decoder:
         def agree(next_B: torch.Tensor) -> torch.Tensor:
             # Logits are bitwise equal on every rank, so tokens are too; broadcasting rank 0's
             # choice makes that a guarantee rather than an assumption.
-            dist.broadcast(next_B, src=0)
+            if dist.get_world_size() > 1:
+                dist.broadcast(next_B, src=0)
             if not prefill_done:  # the first token ends the prefill: time it once
                 _synchronize(self.device)
                 prefill_done.append(time.perf_counter())

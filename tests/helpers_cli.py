@@ -27,6 +27,34 @@ def run_reshard(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([*reshard_cmd(), *args], capture_output=True, text=True, timeout=300)
 
 
+def run_reshard_in_process(*args: str) -> subprocess.CompletedProcess:
+    """`reshard ARGS` through the command's own entry point (`reshard.cli.main`: its error
+    lines and exit codes) in this process: no new interpreter and `import torch` per call, for
+    the many error cases whose one line the installed command is tested for elsewhere."""
+    import contextlib
+    import io
+    import signal as signal_lib
+
+    from reshard import cli
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    handlers = {sig: signal_lib.getsignal(sig) for sig in (signal_lib.SIGINT, signal_lib.SIGTERM)}
+    argv, code = sys.argv, 0
+    sys.argv = ["reshard", *args]
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            cli.main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.argv = argv
+        for sig, handler in handlers.items():
+            signal_lib.signal(sig, handler)
+    return subprocess.CompletedProcess(
+        ["reshard", *args], code, stdout.getvalue(), stderr.getvalue()
+    )
+
+
 def last_json(result: subprocess.CompletedProcess) -> dict:
     """The report a `--json` command printed last; the command must have succeeded."""
     assert result.returncode == 0, result.stderr[-3000:]

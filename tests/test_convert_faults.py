@@ -39,7 +39,7 @@ SIZE = bench.Size(
     kv_heads=4,
     head_dim=64,
 )
-KILLS = 24
+KILLS = 12
 
 
 def _convert_cmd(src: Path, out: Path, layout: str = "ep2tp2") -> list[str]:
@@ -106,7 +106,7 @@ def synthetic(tmp_path_factory) -> Path:
 
 
 def test_sigkill_at_random_points_then_resume(synthetic, tmp_path):
-    """SIGKILL at 24 random moments: never a half-written checkpoint that looks finished."""
+    """SIGKILL at 12 random moments: never a half-written checkpoint that looks finished."""
     reference = tmp_path / "reference"
     start = time.monotonic()
     code, err = _finish(_start(_convert_cmd(synthetic, reference)))

@@ -471,3 +471,30 @@ def test_logits_from_gives_the_same_last_logits_and_only_those():
     cache = KVCache(max_seq_len=16)
     step_B1V = model(ids_BT, 0, cache, logits_from=6)
     torch.testing.assert_close(step_B1V, full_BTV[:, -1:], rtol=0, atol=0)
+
+
+def test_generate_stops_one_step_after_every_row_has_finished():
+    """Generation reads each step's tokens on the host only once the next step is queued (no
+    GPU idle while the host checks for eos): it runs at most one step past the last row's eos
+    and drops that step's tokens, so the output ends at the last eos, each row padded with its
+    own."""
+    from reshard.runtime.generate import generate
+
+    vocab, calls = 11, []
+
+    def step(ids_BT, start_pos):  # the next token is (last token + row + 1) mod vocab
+        calls.append(start_pos)
+        nxt = (ids_BT[:, -1:] + torch.arange(ids_BT.shape[0])[:, None] + 1) % vocab
+        return torch.nn.functional.one_hot(nxt, vocab).float()
+
+    seen: list[list[int]] = []
+    out = generate(
+        step,
+        torch.tensor([[3], [5]]),
+        max_new_tokens=8,
+        eos_token_ids=(6, 9),  # row 0 ends at its 3rd token (6), row 1 at its 2nd (9)
+        on_token=lambda ids: seen.append(list(ids)),
+    )
+    assert out.tolist() == [[3, 4, 5, 6], [5, 7, 9, 9]]
+    assert len(calls) == 4  # three steps and the one queued before the eos was read
+    assert seen == [[4], [4, 5], [4, 5, 6]]

@@ -87,7 +87,15 @@ CASES = [
         for family in FAMILIES
         for case in (
             Case(family, "tp2", ("transformers",)),
-            Case(family, "tp4-tp2ep", ("transformers",), why="shared experts beside EP on tp"),
+            # Validated only: decoding through EP on the TP mesh is tiny-tp4-tp2ep's, and each
+            # family's own attention and cache decode in its tp2 case (CI time).
+            Case(
+                family,
+                "tp4-tp2ep",
+                ("transformers",),
+                generate=False,
+                why="shared experts beside EP on tp",
+            ),
         )
     ],
     # Experts cut over tp inside each ep group: only where a family stores its experts in its
