@@ -13,7 +13,7 @@ Once per *row* is also the limit: rows that share an expert read it again each, 
 ``MAX_ROWS`` rows the grouped GEMM, which reads each expert once, is the faster one.
 
 Triton comes with torch's CUDA wheels; on a machine without it (the CPU wheels) nothing
-here runs and the experts take the sorted path.
+here runs and the experts take the sorted path. The kernel itself is in ``indexed_kernel``.
 """
 
 # Shape suffixes: M = routed rows (token-major: row m is token m // K, choice m % K),
@@ -21,13 +21,14 @@ here runs and the experts take the sorted path.
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # torch's CPU wheels come without Triton
-    triton = None
+# Whether Triton is installed, without importing it: `import triton` takes seconds on a cold
+# start, which a run on the CPU, or one that never decodes, should not pay.
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+_kernel = None  # `indexed_kernel.row_times_its_expert`, once a CUDA forward has imported it
 
 # Above this many routed rows the grouped GEMM is as fast (H200, one Qwen3-30B-A3B layer:
 # 2.5x faster at 8 rows, 1.35x at 128, even at 256; `benchmarks/experts_kernel.py`).
@@ -39,62 +40,27 @@ BLOCK_N, BLOCK_K, NUM_WARPS = 4, 1024, 4
 
 
 def indexed_runs(x: torch.Tensor, rows: int) -> bool:
-    """Whether ``rows`` routed rows of ``x`` take the indexed kernel: few rows, CUDA, Triton
-    present, and no gradient wanted (the kernel has no backward)."""
+    """Whether ``rows`` routed rows of ``x`` take the indexed kernel: CUDA, Triton present, no
+    gradient wanted (the kernel has no backward), and few rows.
+
+    The first CUDA forward without gradients imports the kernel, whatever its row count: that
+    is the prefill, which runs eagerly, so a compiled decode step never traces the import."""
     return (
-        triton is not None
-        and x.is_cuda
-        and rows <= MAX_ROWS
+        x.is_cuda
         and x.dtype in (torch.bfloat16, torch.float16)
         and not torch.is_grad_enabled()
+        and _kernel_loaded()
+        and rows <= MAX_ROWS
     )
 
 
-if triton is not None:
+def _kernel_loaded() -> bool:
+    global _kernel
+    if _kernel is None and HAS_TRITON:
+        from reshard.runtime.indexed_kernel import row_times_its_expert
 
-    @triton.jit
-    def _row_times_its_expert(
-        x_ptr,
-        w_ptr,
-        ids_ptr,
-        bias_ptr,
-        y_ptr,
-        N,
-        K_in,
-        rows_per_x,
-        stride_xr,
-        stride_we,
-        stride_wn,
-        stride_wk,
-        stride_be,
-        stride_ym,
-        HAS_BIAS: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr,
-    ):
-        # y[m, n] = sum_k x[m // rows_per_x, k] * w[ids[m], n, k] (+ bias[ids[m], n]), in fp32,
-        # rounded once to y's dtype.
-        m = tl.program_id(0)
-        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < N
-        expert = tl.load(ids_ptr + m).to(tl.int64)
-        x_row = x_ptr + (m // rows_per_x).to(tl.int64) * stride_xr
-        w_rows = w_ptr + expert * stride_we + offs_n[:, None].to(tl.int64) * stride_wn
-        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for k0 in range(0, K_in, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_ok = offs_k < K_in
-            x = tl.load(x_row + offs_k, mask=k_ok, other=0.0).to(tl.float32)
-            w = tl.load(
-                w_rows + offs_k[None, :] * stride_wk,
-                mask=n_ok[:, None] & k_ok[None, :],
-                other=0.0,
-            ).to(tl.float32)
-            acc += tl.sum(w * x[None, :], axis=1)
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + expert * stride_be + offs_n, mask=n_ok, other=0.0)
-            acc += bias.to(tl.float32)
-        tl.store(y_ptr + m * stride_ym + offs_n, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
+        _kernel = row_times_its_expert
+    return _kernel is not None
 
 
 def indexed_linear(
@@ -116,14 +82,16 @@ def indexed_linear(
     Returns:
         ``[M, N]`` in ``x``'s dtype, rows in the order of ``ids_M``.
     """
+    if not _kernel_loaded():
+        raise RuntimeError("the indexed expert kernel needs Triton, which is not installed")
     M, (N, K_in) = ids_M.shape[0], weight_ENK.shape[1:]
     x_RK = x_RK.contiguous()
     y_MN = x_RK.new_empty(M, N)
     if M == 0:
         return y_MN
     bias = bias_EN if bias_EN is not None else y_MN  # a pointer the kernel never reads
-    grid = (M, triton.cdiv(N, BLOCK_N))
-    _row_times_its_expert[grid](
+    grid = (M, -(-N // BLOCK_N))
+    _kernel[grid](
         x_RK,
         weight_ENK,
         ids_M,

@@ -436,18 +436,25 @@ def test_grouped_mm_path_matches_loop_on_cuda(monkeypatch, transposed):
         assert max_diff(b.grad, f.grad) < 2e-2 * f.grad.abs().max().item(), name
 
 
-def test_generate_streams_each_prefix_of_row_0_once_per_step():
-    from reshard.runtime.generate import generate
+def _arithmetic_step(calls: list[int] | None = None, vocab: int = 11):
+    """A stand-in for a model in `generate`: the next token is (last token + row + 1) mod
+    vocab; each call's start position is appended to `calls`."""
 
-    vocab = 11
-
-    def step(ids_BT, start_pos):  # the next token is (last token + row + 1) mod vocab
+    def step(ids_BT, start_pos):
+        if calls is not None:
+            calls.append(start_pos)
         nxt = (ids_BT[:, -1:] + torch.arange(ids_BT.shape[0])[:, None] + 1) % vocab
         return torch.nn.functional.one_hot(nxt, vocab).float()
 
+    return step
+
+
+def test_generate_streams_each_prefix_of_row_0_once_per_step():
+    from reshard.runtime.generate import generate
+
     seen: list[list[int]] = []
     out = generate(
-        step,
+        _arithmetic_step(),
         torch.tensor([[3], [5]]),
         max_new_tokens=6,
         eos_token_ids=(1,),
@@ -480,16 +487,10 @@ def test_generate_stops_one_step_after_every_row_has_finished():
     own."""
     from reshard.runtime.generate import generate
 
-    vocab, calls = 11, []
-
-    def step(ids_BT, start_pos):  # the next token is (last token + row + 1) mod vocab
-        calls.append(start_pos)
-        nxt = (ids_BT[:, -1:] + torch.arange(ids_BT.shape[0])[:, None] + 1) % vocab
-        return torch.nn.functional.one_hot(nxt, vocab).float()
-
+    calls: list[int] = []
     seen: list[list[int]] = []
     out = generate(
-        step,
+        _arithmetic_step(calls),
         torch.tensor([[3], [5]]),
         max_new_tokens=8,
         eos_token_ids=(6, 9),  # row 0 ends at its 3rd token (6), row 1 at its 2nd (9)
@@ -498,3 +499,38 @@ def test_generate_stops_one_step_after_every_row_has_finished():
     assert out.tolist() == [[3, 4, 5, 6], [5, 7, 9, 9]]
     assert len(calls) == 4  # three steps and the one queued before the eos was read
     assert seen == [[4], [4, 5], [4, 5, 6]]
+
+
+def test_triton_is_imported_only_by_a_cuda_forward(tmp_path):
+    """`import triton` costs seconds on a cold start: loading the runtime and running experts on
+    the CPU never imports it (a stand-in `triton` package on the path records any import)."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "triton").mkdir()
+    marker = tmp_path / "imported"
+    (tmp_path / "triton" / "__init__.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    code = """
+import torch
+import reshard.runtime.worker
+from reshard.architecture import ModelArgs
+from reshard.runtime import indexed_experts
+from reshard.runtime.model import Experts
+
+assert indexed_experts.HAS_TRITON  # the stand-in is found, and not imported
+args = ModelArgs(vocab_size=8, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
+                 head_dim=8, intermediate_size=32, moe_intermediate_size=8, num_experts=4, top_k=2)
+with torch.no_grad():
+    Experts(args)(torch.randn(3, 16), torch.tensor([[0, 1]] * 3), torch.ones(3, 2))
+"""
+    path = os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH")) if p)
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        env=dict(os.environ, PYTHONPATH=path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not marker.exists()

@@ -140,6 +140,22 @@ def mtp_layer(config: dict) -> dict[str, tuple[int, ...]]:
     }
 
 
+def assert_plan_table(src, layout: str, mesh: dict, first: str, last: str) -> None:
+    """`reshard plan` of `src` at `layout`: the mesh line, one row per rank, the first and the
+    last row as given (rank, coordinates, experts), and the total last."""
+    world = 1
+    for size in mesh.values():
+        world *= size
+    result = CliRunner().invoke(cli, ["plan", "--src", str(src), "--layout", layout])
+    assert result.exit_code == 0, result.output
+    assert f"{world} ranks, mesh {mesh}" in result.output
+    rows = [line for line in result.output.splitlines() if re.match(r"\| \d+ \|", line)]
+    assert len(rows) == world
+    assert rows[0].startswith(first), rows[0]
+    assert rows[-1].startswith(last), rows[-1]
+    assert "total " in result.output.splitlines()[-1]
+
+
 @pytest.mark.parametrize("repo", [DEEPSEEK_V3, KIMI_K2])
 def test_plan_of_the_full_release_at_ep8tp8(repo, tmp_path):
     config = {k: v for k, v in hub_config(repo).items() if k != "quantization_config"}
@@ -158,15 +174,14 @@ def test_plan_of_the_full_release_at_ep8tp8(repo, tmp_path):
     # 1/16 of the model (ep8tp8 on 64 GPUs, each near 1/64 of the weights but the replicas).
     assert data_bytes / 64 < per_rank[0] < data_bytes / 16
 
-    result = CliRunner().invoke(cli, ["plan", "--src", str(src), "--layout", "ep8tp8"])
-    assert result.exit_code == 0, result.output
-    assert "64 ranks, mesh {'ep': 8, 'tp': 8}" in result.output
-    rows = [line for line in result.output.splitlines() if re.match(r"\| \d+ \|", line)]
-    assert len(rows) == 64
     per = experts // 8
-    assert rows[0].startswith(f"| 0 | ep=0, tp=0 | 0-{per - 1} |")
-    assert rows[63].startswith(f"| 63 | ep=7, tp=7 | {experts - per}-{experts - 1} |")
-    assert "total " in result.output.splitlines()[-1]
+    assert_plan_table(
+        src,
+        "ep8tp8",
+        {"ep": 8, "tp": 8},
+        f"| 0 | ep=0, tp=0 | 0-{per - 1} |",
+        f"| 63 | ep=7, tp=7 | {experts - per}-{experts - 1} |",
+    )
 
 
 # --- DeepSeek-V2-Lite -----------------------------------------------------------------------------
@@ -274,14 +289,9 @@ def test_deepseek_v2_lite_plan_at_ep8tp2(tmp_path):
     assert plan.params[layer + "mlp.experts.down_proj"].placements == (Shard(0), Shard(2))
     assert plan.params[layer + "mlp.gate.weight"].placements == (Replicate(), Replicate())
 
-    result = CliRunner().invoke(cli, ["plan", "--src", str(src), "--layout", "ep8tp2"])
-    assert result.exit_code == 0, result.output
-    assert "16 ranks, mesh {'ep': 8, 'tp': 2}" in result.output
-    rows = [line for line in result.output.splitlines() if re.match(r"\| \d+ \|", line)]
-    assert len(rows) == 16
-    assert rows[0].startswith("| 0 | ep=0, tp=0 | 0-7 |")
-    assert rows[15].startswith("| 15 | ep=7, tp=1 | 56-63 |")
-    assert "total " in result.output.splitlines()[-1]
+    assert_plan_table(
+        src, "ep8tp2", {"ep": 8, "tp": 2}, "| 0 | ep=0, tp=0 | 0-7 |", "| 15 | ep=7, tp=1 | 56-63 |"
+    )
 
 
 # --- GPT-OSS ---------------------------------------------------------------------------------------
@@ -361,10 +371,10 @@ def test_gpt_oss_plan_of_the_full_release_at_ep8tp8(tmp_path):
     )
     assert plan.params["model.layers.0.self_attn.sinks"].placements == (Replicate(), Shard(0))
 
-    result = CliRunner().invoke(cli, ["plan", "--src", str(src), "--layout", "ep8tp8"])
-    assert result.exit_code == 0, result.output
-    assert "64 ranks, mesh {'ep': 8, 'tp': 8}" in result.output
-    rows = [line for line in result.output.splitlines() if re.match(r"\| \d+ \|", line)]
-    assert len(rows) == 64
-    assert rows[0].startswith("| 0 | ep=0, tp=0 | 0-15 |")
-    assert rows[63].startswith("| 63 | ep=7, tp=7 | 112-127 |")
+    assert_plan_table(
+        src,
+        "ep8tp8",
+        {"ep": 8, "tp": 8},
+        "| 0 | ep=0, tp=0 | 0-15 |",
+        "| 63 | ep=7, tp=7 | 112-127 |",
+    )
