@@ -103,21 +103,23 @@ def _weights(
     # One thread: CPU kernels split float sums by thread, so a multi-threaded run trains a
     # slightly different model each time (and a fresh checkpoint could land on a near tie).
     torch.set_num_threads(1)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = CausalLM(get_spec("qwen3_moe").parse_config(config))
-        ids = Tokenizer.from_str(tokenizer_json).encode(CORPUS).ids
-        data = torch.tensor(ids)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
-        window = 64
-        for _ in range(steps):
-            starts = torch.randint(0, len(data) - window, (8,))
-            batch = torch.stack([data[s : s + window] for s in starts.tolist()])
-            loss = causal_lm_loss(model(batch), batch)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    torch.set_num_threads(threads)
+    try:
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model = CausalLM(get_spec("qwen3_moe").parse_config(config))
+            ids = Tokenizer.from_str(tokenizer_json).encode(CORPUS).ids
+            data = torch.tensor(ids)
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+            window = 64
+            for _ in range(steps):
+                starts = torch.randint(0, len(data) - window, (8,))
+                batch = torch.stack([data[s : s + window] for s in starts.tolist()])
+                loss = causal_lm_loss(model(batch), batch)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+    finally:
+        torch.set_num_threads(threads)
     # Save in the Hugging Face layout: the spec's converters read backwards unfuse the experts.
     fused = {n: InMemoryTensor(p.detach().contiguous()) for n, p in model.named_parameters()}
     return {

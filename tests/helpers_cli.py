@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import json
 import os
 import signal
@@ -23,22 +25,18 @@ def reshard_cmd() -> list[str]:
     return [str(script)] if script.is_file() else [sys.executable, "-m", "reshard.cli"]
 
 
-def run_reshard(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*reshard_cmd(), *args], capture_output=True, text=True, timeout=300)
+def run_reshard(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([*reshard_cmd(), *args], capture_output=True, text=True, timeout=timeout)
 
 
 def run_reshard_in_process(*args: str) -> subprocess.CompletedProcess:
     """`reshard ARGS` through the command's own entry point (`reshard.cli.main`: its error
     lines and exit codes) in this process: no new interpreter and `import torch` per call, for
     the many error cases whose one line the installed command is tested for elsewhere."""
-    import contextlib
-    import io
-    import signal as signal_lib
-
     from reshard import cli
 
     stdout, stderr = io.StringIO(), io.StringIO()
-    handlers = {sig: signal_lib.getsignal(sig) for sig in (signal_lib.SIGINT, signal_lib.SIGTERM)}
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     argv, code = sys.argv, 0
     sys.argv = ["reshard", *args]
     try:
@@ -49,7 +47,7 @@ def run_reshard_in_process(*args: str) -> subprocess.CompletedProcess:
     finally:
         sys.argv = argv
         for sig, handler in handlers.items():
-            signal_lib.signal(sig, handler)
+            signal.signal(sig, handler)
     return subprocess.CompletedProcess(
         ["reshard", *args], code, stdout.getvalue(), stderr.getvalue()
     )

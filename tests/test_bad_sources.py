@@ -12,13 +12,12 @@ import json
 import pickle
 import shutil
 import struct
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-from helpers_cli import one_error_line, reshard_cmd, run_reshard_in_process
+from helpers_cli import one_error_line, run_reshard, run_reshard_in_process
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -307,10 +306,6 @@ IN_A_PROCESS_OF_ITS_OWN = {
 }
 
 
-def _reshard(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*reshard_cmd(), *args], capture_output=True, text=True, timeout=120)
-
-
 def _damaged(tiny_dir: Path, tmp_path: Path, case: str) -> tuple[Path, list[str]]:
     damage, fragments = CASES[case]
     src = Path(shutil.copytree(tiny_dir, tmp_path / "src"))
@@ -323,8 +318,11 @@ def test_bad_source_is_one_line_and_writes_nothing_finished(tiny_dir, tmp_path, 
     src, fragments = _damaged(tiny_dir, tmp_path, case)
     out = tmp_path / "out"
     # convert opens and plans exactly as `plan` does, then must write nothing that looks finished
-    run = _reshard if case in IN_A_PROCESS_OF_ITS_OWN else run_reshard_in_process
-    result = run("convert", "--src", str(src), "--layout", "tp2", "--out", str(out))
+    args = ("convert", "--src", str(src), "--layout", "tp2", "--out", str(out))
+    if case in IN_A_PROCESS_OF_ITS_OWN:
+        result = run_reshard(*args, timeout=120)
+    else:
+        result = run_reshard_in_process(*args)
     one_error_line(result.returncode, result.stderr, *fragments)
     assert not (out / "reshard.json").exists()
     assert not (src / "pwned").exists()
@@ -333,14 +331,14 @@ def test_bad_source_is_one_line_and_writes_nothing_finished(tiny_dir, tmp_path, 
 @pytest.mark.parametrize("case", ["unsupported dtype", "index names a file outside"])
 def test_plan_gives_the_same_one_line(tiny_dir, tmp_path, case):
     src, fragments = _damaged(tiny_dir, tmp_path, case)
-    result = _reshard("plan", "--src", str(src), "--layout", "tp2")
+    result = run_reshard("plan", "--src", str(src), "--layout", "tp2", timeout=120)
     one_error_line(result.returncode, result.stderr, *fragments)
 
 
 def test_plan_with_an_unknown_model_type_is_one_line(tiny_dir, tmp_path):
     src = Path(shutil.copytree(tiny_dir, tmp_path / "src"))
     _config_edit(lambda c: c.update(model_type="mystery_moe"))(src)
-    result = _reshard("plan", "--src", str(src), "--layout", "tp2")
+    result = run_reshard("plan", "--src", str(src), "--layout", "tp2", timeout=120)
     one_error_line(result.returncode, result.stderr, "'mystery_moe' is not supported")
 
 

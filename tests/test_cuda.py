@@ -258,9 +258,10 @@ def test_indexed_expert_kernel_matches_torch_matmul(rows, transposed):
     torch.manual_seed(0)
     E, N, K_in, top_k = 16, 96, 200, 4  # K_in not a multiple of the kernel's block
     dev, bf16 = torch.device("cuda"), torch.bfloat16
-    weight = torch.randn(E, K_in, N, device=dev, dtype=bf16) if transposed else None
-    weight_ENK = weight.transpose(-2, -1) if transposed else torch.randn(E, N, K_in, device=dev)
-    weight_ENK = weight_ENK.to(bf16)
+    if transposed:  # stored [E, in, out], handed over as a view
+        weight_ENK = torch.randn(E, K_in, N, device=dev, dtype=bf16).transpose(-2, -1)
+    else:
+        weight_ENK = torch.randn(E, N, K_in, device=dev, dtype=bf16)
     bias_EN = torch.randn(E, N, device=dev, dtype=bf16)
     ids_M = torch.randint(0, E, (rows,), device=dev)
     tokens = -(-rows // top_k)

@@ -143,9 +143,7 @@ def mtp_layer(config: dict) -> dict[str, tuple[int, ...]]:
 def assert_plan_table(src, layout: str, mesh: dict, first: str, last: str) -> None:
     """`reshard plan` of `src` at `layout`: the mesh line, one row per rank, the first and the
     last row as given (rank, coordinates, experts), and the total last."""
-    world = 1
-    for size in mesh.values():
-        world *= size
+    world = math.prod(mesh.values())
     result = CliRunner().invoke(cli, ["plan", "--src", str(src), "--layout", layout])
     assert result.exit_code == 0, result.output
     assert f"{world} ranks, mesh {mesh}" in result.output

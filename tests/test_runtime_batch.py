@@ -12,11 +12,10 @@ window must count a row's own positions and its sinks change every softmax.
 from __future__ import annotations
 
 import json
-import subprocess
 
 import pytest
 import torch
-from helpers_cli import one_error_line, reshard_cmd, run_reshard_in_process
+from helpers_cli import one_error_line, run_reshard, run_reshard_in_process
 from helpers_dist import run_on_ranks
 from helpers_families import hf_greedy, load_hf_model, write_checkpoint
 
@@ -73,10 +72,9 @@ def test_batched_run_matches_transformers_per_prompt(families, tmp_path, family,
     prompt_file = tmp_path / f"prompts{suffix}"
     lines = [json.dumps({"prompt": p}) for p in PROMPTS] if suffix == ".jsonl" else PROMPTS
     prompt_file.write_text("\n".join(lines) + "\n\n")  # a trailing blank line is no prompt
-    proc = subprocess.run(
-        [*reshard_cmd(), "run", out, "--prompt-file", str(prompt_file), "--batch-size", "3",
-         "--max-new-tokens", str(MAX_NEW_TOKENS), "--json", "--device", "cpu"],
-        capture_output=True, text=True, timeout=600,
+    proc = run_reshard(
+        "run", out, "--prompt-file", str(prompt_file), "--batch-size", "3",
+        "--max-new-tokens", str(MAX_NEW_TOKENS), "--json", "--device", "cpu", timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.splitlines()[-1])
@@ -145,11 +143,9 @@ def test_prompt_file_errors(tmp_path, convert_tiny):
         (["--prompt", "Hi", "--compile"], "--compile: this run decodes eagerly"),  # CPU, 2 ranks
     ]
     for args, fragment in cases:
+        command = ("run", directory, *args, "--device", "cpu")
         if "--compile" in args:  # refused by the ranks: the installed command, its ranks
-            proc = subprocess.run(
-                [*reshard_cmd(), "run", directory, *args, "--device", "cpu"],
-                capture_output=True, text=True, timeout=120,
-            )  # fmt: skip
+            proc = run_reshard(*command, timeout=120)
         else:  # refused before any rank starts: the same entry point, in this process
-            proc = run_reshard_in_process("run", directory, *args, "--device", "cpu")
+            proc = run_reshard_in_process(*command)
         one_error_line(proc.returncode, proc.stderr, fragment)
