@@ -11,20 +11,22 @@ ever built.
 
 `segments(box)` is the same pushdown for writing: the box's bytes, in order, as
 file spans wherever they are a verbatim copy of the source (stacking experts,
-concatenating gate and up, cutting rows) and as tensors only where torch must
-compute them (a cast, a transpose, a column slice). Spans are copied from file
-to file without ever being a tensor: the conversion engine (reshard.engine)
-reads each into a reused buffer, writes it and hashes it.
+concatenating gate and up, cutting rows) and as deferred reads only where torch
+must compute them (a cast, a transpose, a column slice). Spans are copied from
+file to file without ever being a tensor: the conversion engine (reshard.engine)
+reads each into a reused buffer, writes it and hashes it. A deferred read is
+computed by the I/O thread that writes it, so several are computed at once.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,7 +86,7 @@ class LazyTensor:
 
     def segments(self, box: Box) -> Iterator[Segment]:
         """The bytes of `box` in row-major order: by default, the box computed as one tensor."""
-        yield self.read(box)
+        yield deferred_read(self, box)
 
     def materialize(self) -> torch.Tensor:
         """The whole tensor; for tests and small tensors only."""
@@ -104,8 +106,42 @@ class FileSpan:
     nbytes: int
 
 
-# What `LazyTensor.segments` yields: bytes to copy from a file, or a tensor computed from them.
-Segment = FileSpan | torch.Tensor
+@dataclass(frozen=True)
+class Computed:
+    """Output bytes that torch computes (`compute()` gives a tensor of `shape` and `dtype`).
+
+    Left to whoever writes them: in the conversion engine, an I/O thread, so the file's own
+    thread only lists segments and hashes, and the reads and copies of several segments run
+    at once (torch ops and preadv release the GIL).
+    """
+
+    compute: Callable[[], torch.Tensor]
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    def tensor(self) -> torch.Tensor:
+        """The computed tensor, checked against the promised shape and dtype (the writer has
+        already placed the bytes that follow it)."""
+        t = self.compute()
+        if tuple(t.shape) != self.shape or t.dtype != self.dtype:
+            raise ValueError(
+                f"a computed segment gave {t.dtype} {list(t.shape)}, "
+                f"expected {self.dtype} {list(self.shape)}"
+            )
+        return t
+
+
+def deferred_read(tensor: LazyTensor, box: Box) -> Computed:
+    """`tensor.read(box)`, to be done by whoever writes the bytes."""
+    return Computed(functools.partial(tensor.read, box), tuple(b - a for a, b in box), tensor.dtype)
+
+
+# What `LazyTensor.segments` yields: bytes to copy from a file, or bytes torch computes.
+Segment = FileSpan | Computed
 
 # Covering reads of column slices kept for the other TP ranks (bytes, least recently used out).
 SPAN_CACHE = 16 << 20
@@ -275,7 +311,7 @@ class SourceTensor(LazyTensor):
         run = (box[k][1] - box[k][0]) * strides[k] * item
         outer = box[:k]
         if run < MIN_SPAN and math.prod(b - a for a, b in outer) > 1:
-            yield self.read(box)
+            yield deferred_read(self, box)
             return
         base = self._locate() + box[k][0] * strides[k] * item
         spans: list[FileSpan] = []
@@ -313,7 +349,7 @@ def _per_leading_index(tensor: LazyTensor, box: Box, dim: int) -> Iterator[Segme
     those dims, in row-major order (each then has the pieces along `dim` one after the other);
     when that would be too many boxes, the box computed as one tensor."""
     if math.prod(b - a for a, b in box[:dim]) > MAX_BOXES:
-        yield tensor.read(box)
+        yield deferred_read(tensor, box)
         return
     for index in itertools.product(*(range(a, b) for a, b in box[:dim])):
         yield from tensor.segments(tuple((i, i + 1) for i in index) + box[dim:])
@@ -658,7 +694,8 @@ def selection_segments(
         if isinstance(piece, tuple):
             yield from tensor.segments(piece)
         else:
-            yield read_selection(tensor, piece)
+            shape = tuple(selection_shape(piece))
+            yield Computed(functools.partial(read_selection, tensor, piece), shape, tensor.dtype)
 
 
 def selection_chunks(

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from reshard.device_read import read_tensors
 from reshard.errors import CheckpointError
 from reshard.hash_cache import cached_sha256, sha256_of
 from reshard.layout import Layout
@@ -153,6 +154,13 @@ class ShardedCheckpoint:
         `verify=False` skips only the sha256; the file's own header is always checked.
         """
         self.check_rank_file(rank, hash=verify, recorded=True)
+        if torch.device(device).type == "cuda":  # through pinned buffers, several at once
+            tensors = {}
+            for path, entry in self.rank_files(rank):
+                names = entry.tensors or list(self.params)
+                header = read_header(path, error=CheckpointError)
+                tensors |= read_tensors(path, header, names, torch.device(device))
+            return {name: tensors[name] for name in self.params}
         with self.open_rank(rank, device=device) as f:
             return {name: f.get_tensor(name) for name in self.params}
 

@@ -4,19 +4,23 @@ Every output file's layout is known before a byte is read (the plan gives each
 tensor's dtype and local shape), so each segment's place in the file is known
 too. That lets the work split three ways and overlap:
 
-- I/O threads copy segments: a file span is read with `preadv` into a reused
-  buffer and written with `pwrite` at its offset; a computed segment (a cast, a
-  column slice) is made contiguous by torch and written the same way;
-- one thread per file hashes the segments in file order as they land (sha256
-  cannot be split), so the file's hash comes from the writer, never from reading
-  the file back;
+- a file is written in aligned blocks of BLOCK bytes. I/O threads fill each
+  block from its segments (a file span is read with `preadv` straight into the
+  block; a computed segment, a cast or a column slice, is computed by torch and
+  copied in) and write it with `pwrite`, several blocks at once;
+- blocks go to the disk with direct I/O (`O_DIRECT`) where the file system
+  takes it: no copy into the page cache, which on a 2-core VM cost more CPU
+  than the copy itself did (docs/benchmarks.md). Elsewhere, or if the file
+  system refuses, buffered writes, each handed to the disk at once
+  (`sync_file_range`) instead of all at the final fsync;
+- one thread per file hashes the blocks in file order as they are filled
+  (sha256 cannot be split), so the file's hash comes from the writer, never
+  from reading the file back;
 - several files are written at once (ranks that read the same source regions
-  read them while their pages are hot), and each written range is handed to the
-  disk at once (`sync_file_range`) instead of all at the final fsync.
+  read them while their pages are hot).
 
 Torch ops, `preadv`/`pwrite` and hashlib release the GIL, so the threads run
-in parallel. Memory is bounded by `window` segments of at most CHUNK bytes per
-file in flight.
+in parallel. Memory is bounded by WINDOW + 1 blocks per file being written.
 
     written = write_files(jobs, reader, workers=8, on_bytes=bar.update)
 """
@@ -24,7 +28,9 @@ file in flight.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import errno
 import hashlib
+import mmap
 import os
 import sys
 import threading
@@ -35,14 +41,21 @@ from pathlib import Path
 
 import torch
 
-from reshard.converters.lazy import FileSpan, Segment, SliceReader
+from reshard.converters.lazy import Computed, FileSpan, Segment, SliceReader
+from reshard.errors import OutputError
 from reshard.writer import nbytes, output_error, safetensors_header, temp_name, tensor_bytes
 
-# Bytes per segment at most (boxes are cut to this size) and segments in flight per file:
-# 4 MB x 4 kept the 2-core VM at its copy+hash floor, and memory a few tens of MB per file.
+# Bytes per segment at most (boxes are cut to this size), bytes per block written and blocks
+# in flight per file: 4 MB x 4 kept the 2-core VM at its copy+hash floor, and memory a few
+# tens of MB per file.
 CHUNK = 4 << 20
+BLOCK = 2 << 20
 WINDOW = 4
-MAX_FILES = 8  # files written at once at most: each holds WINDOW + 1 buffers
+MAX_FILES = 8  # files written at once at most: each holds WINDOW + 1 blocks
+# Direct I/O wants file offsets, lengths and buffer addresses aligned to the device's logical
+# block (512 B or 4 KiB); blocks are page-aligned anonymous maps, BLOCK is a multiple of this.
+ALIGN = 4096
+DIRECT_IO = hasattr(os, "O_DIRECT")  # Linux; tests turn it off to cover the buffered writes
 
 
 @dataclass(kw_only=True)
@@ -111,78 +124,184 @@ def _write_file(
 ) -> Written:
     header = safetensors_header(job.entries, job.metadata)
     size = len(header) + sum(nbytes(dtype, shape) for _, dtype, shape in job.entries)
-    tmp = temp_name(job.path)
-    digest = hashlib.sha256(header)
-    # Buffer k serves segments k, k + WINDOW + 1, ...: by the time one is reused, the
-    # segment that had it has been written and hashed (at most WINDOW are in flight).
-    buffers: list[bytearray | None] = [None] * (WINDOW + 1)
+    digest = hashlib.sha256()
+    # Block k is filled in buffer k % (WINDOW + 1): by the time a buffer is reused, the block
+    # that had it has been written and hashed (at most WINDOW are in flight).
+    buffers: list[mmap.mmap | None] = [None] * (WINDOW + 1)
     pending: deque[cf.Future] = deque()
+    out = _Output(job.path, size)
+    header_left = len(header)  # the progress counts tensor bytes only
+
+    def hash_next() -> None:
+        nonlocal header_left
+        data = pending.popleft().result()
+        digest.update(data)
+        skip = min(len(data), header_left)
+        header_left -= skip
+        on_bytes(len(data) - skip)
+
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-    except OSError as e:
-        raise output_error(job.path, e, size) from e
-    try:
-        _pwrite_all(fd, header, 0, job.path, size)
-        offset, count = len(header), 0
-        for segment in job.segments():
-            if stop.is_set():
-                raise Stopped
-            buffer = None
-            if isinstance(segment, FileSpan):
-                k = count % (WINDOW + 1)
-                if buffers[k] is None or len(buffers[k]) < segment.nbytes:
-                    buffers[k] = bytearray(segment.nbytes)  # grows to the largest span, ~CHUNK
-                buffer = buffers[k]
-            pending.append(io.submit(_copy, segment, fd, offset, buffer, reader, job.path, size))
-            offset += _segment_bytes(segment)
-            count += 1
+        offset = 0
+        for k, pieces in enumerate(_blocks(header, _until(stop, job.segments()))):
+            if buffers[k % (WINDOW + 1)] is None:
+                buffers[k % (WINDOW + 1)] = mmap.mmap(-1, BLOCK)
+            buffer = buffers[k % (WINDOW + 1)]
+            pending.append(io.submit(_fill_and_write, pieces, buffer, out, offset, reader))
+            offset += sum(b - a for _, a, b in pieces)
             while len(pending) > WINDOW:
-                on_bytes(_hash_next(pending, digest))
+                hash_next()
         while pending:
-            on_bytes(_hash_next(pending, digest))
+            hash_next()
         if offset != size:
             raise ValueError(f"{job.path.name}: segments gave {offset:,} bytes, expected {size:,}")
-        try:
-            os.fsync(fd)  # data on disk before the name says "finished"
-        except OSError as e:
-            raise output_error(job.path, e, 0) from e
+        out.finish()
     except BaseException:
         for future in pending:
             future.cancel()
         cf.wait(pending)  # no write may land after the descriptor is closed (and reused)
-        os.close(fd)
-        tmp.unlink(missing_ok=True)
+        out.discard()
         raise
-    os.close(fd)
-    os.replace(tmp, job.path)
     return Written(path=job.path, nbytes=offset, sha256=digest.hexdigest())
 
 
-def _hash_next(pending: deque[cf.Future], digest) -> int:
-    data = pending.popleft().result()
-    digest.update(data)
-    return len(data)
+def _until(stop: threading.Event, segments: Iterable[Segment]) -> Iterator[Segment]:
+    """The segments, until another file fails or the user interrupts."""
+    for segment in segments:
+        if stop.is_set():
+            raise Stopped
+        yield segment
 
 
-def _copy(
-    segment: Segment,
-    fd: int,
-    offset: int,
-    buffer: bytearray | None,
-    reader: SliceReader,
-    path: Path,
-    size: int,
+# A block's contents: (bytes, a file span, or a computed segment shared by the blocks it
+# straddles; start; stop) byte ranges of them, in file order.
+Piece = tuple["bytes | FileSpan | _Once", int, int]
+
+
+class _Once:
+    """A computed segment's bytes, computed by the first block that needs them and dropped once
+    the last has copied its piece (`pieces`: how many blocks take a piece of it)."""
+
+    def __init__(self, segment: Computed):
+        self.segment, self.lock = segment, threading.Lock()
+        self.data: memoryview | None = None
+        self.pieces = 0
+
+    def copy(self, start: int, stop: int, into: memoryview) -> None:
+        with self.lock:
+            if self.data is None:
+                self.data = tensor_bytes(self.segment.tensor())
+            data = self.data
+            self.pieces -= 1
+            if self.pieces == 0:
+                self.data = None
+        into[:] = data[start:stop]
+
+
+def _blocks(header: bytes, segments: Iterable[Segment]) -> Iterator[list[Piece]]:
+    """The file's bytes (header, then segments) cut into blocks of BLOCK bytes (the last may be
+    shorter): each block as its pieces."""
+    block: list[Piece] = []
+    room = BLOCK
+
+    def cut(source, total: int) -> Iterator[list[Piece]]:
+        nonlocal block, room
+        if isinstance(source, _Once):  # counted before a block that has it can be written
+            source.pieces = 1 + max(0, -(-(total - room) // BLOCK))
+        start = 0
+        while start < total:
+            n = min(room, total - start)
+            block.append((source, start, start + n))
+            start, room = start + n, room - n
+            if room == 0:
+                yield block
+                block, room = [], BLOCK
+
+    yield from cut(header, len(header))
+    for segment in segments:
+        source = _Once(segment) if isinstance(segment, Computed) else segment
+        yield from cut(source, segment.nbytes)
+    if block:
+        yield block
+
+
+def _fill_and_write(
+    pieces: list[Piece], buffer: mmap.mmap, out: _Output, offset: int, reader: SliceReader
 ) -> memoryview:
-    """Put one segment's bytes at `offset` of the file; return them for hashing."""
-    if isinstance(segment, FileSpan):
-        data = memoryview(buffer)[: segment.nbytes]
-        reader.read_into(segment.path, segment.offset, data, f"bytes at {segment.offset:,}")
-        reader.count(segment.path, segment.nbytes)
-    else:
-        data = tensor_bytes(segment)
-    _pwrite_all(fd, data, offset, path, size)
-    _start_writeback(fd, offset, len(data))
-    return data
+    """Fill the block at `offset` from its pieces and write it; return its bytes for hashing."""
+    view = memoryview(buffer)
+    at = 0
+    for source, start, stop in pieces:
+        n = stop - start
+        if isinstance(source, FileSpan):
+            what = f"bytes at {source.offset + start:,}"
+            reader.read_into(source.path, source.offset + start, view[at : at + n], what)
+            reader.count(source.path, n)
+        elif isinstance(source, _Once):
+            source.copy(start, stop, view[at : at + n])
+        else:
+            view[at : at + n] = source[start:stop]
+        at += n
+    out.write(view, at, offset)
+    return view[:at]
+
+
+class _Output:
+    """A file being written under its temporary name, with direct I/O where the file system
+    takes it; renamed to its own name by `finish` (after an fsync), removed by `discard`."""
+
+    def __init__(self, path: Path, size: int):
+        self.path, self.size, self.tmp = path, size, temp_name(path)
+        self.lock = threading.Lock()
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+        self.direct = DIRECT_IO
+        try:
+            if self.direct:
+                try:
+                    self.fd = os.open(self.tmp, flags | os.O_DIRECT, 0o644)
+                except OSError as e:
+                    if e.errno != errno.EINVAL:  # EINVAL: this file system has no direct I/O
+                        raise
+                    self.direct = False
+            if not self.direct:
+                self.fd = os.open(self.tmp, flags, 0o644)
+        except OSError as e:
+            raise output_error(path, e, size) from e
+
+    def write(self, block: memoryview, n: int, offset: int) -> None:
+        """Write the block's first `n` bytes at `offset` (a multiple of ALIGN)."""
+        if self.direct:
+            padded = -(-n // ALIGN) * ALIGN  # the file's last block: cut back in `finish`
+            block[n:padded] = bytes(padded - n)
+            try:
+                _pwrite_all(self.fd, block[:padded], offset, self.path, self.size)
+                return
+            except OutputError as e:
+                if not isinstance(e.__cause__, OSError) or e.__cause__.errno != errno.EINVAL:
+                    raise
+                self._buffered()  # the file system took O_DIRECT at open, not at write
+        _pwrite_all(self.fd, block[:n], offset, self.path, self.size)
+        _start_writeback(self.fd, offset, n)
+
+    def _buffered(self) -> None:
+        with self.lock:
+            if self.direct:
+                fd = os.open(self.tmp, os.O_WRONLY | os.O_CLOEXEC)
+                os.dup2(fd, self.fd)  # threads writing through the old descriptor now buffer
+                os.close(fd)
+                self.direct = False
+
+    def finish(self) -> None:
+        try:
+            os.ftruncate(self.fd, self.size)  # the last block's padding
+            os.fsync(self.fd)  # data on disk before the name says "finished"
+        except OSError as e:
+            raise output_error(self.path, e, 0) from e
+        os.close(self.fd)
+        os.replace(self.tmp, self.path)
+
+    def discard(self) -> None:
+        os.close(self.fd)
+        self.tmp.unlink(missing_ok=True)
 
 
 def _start_writeback(fd: int, offset: int, nbytes: int) -> None:
@@ -217,9 +336,3 @@ def _pwrite_all(fd: int, data: bytes | memoryview, offset: int, path: Path, size
             view, offset = view[n:], offset + n
     except OSError as e:
         raise output_error(path, e, size - offset) from e
-
-
-def _segment_bytes(segment: Segment) -> int:
-    if isinstance(segment, FileSpan):
-        return segment.nbytes
-    return segment.numel() * segment.element_size()

@@ -29,6 +29,7 @@ from reshard.converters.lazy import RepeatBlocks, SliceReader, SourceTensor, rea
 from reshard.errors import CheckpointError, ReshardError
 from reshard.runtime.decode import StaticDecodeStep
 from reshard.runtime.generate import generate
+from reshard.runtime.indexed_experts import decode_steps
 from reshard.runtime.load import load_parallel_model
 from reshard.runtime.model import KVCache, causal_lm_loss, grouped_mm_runs
 from reshard.runtime.parallel import ParallelModel
@@ -50,11 +51,13 @@ def _init(ckpt: ShardedCheckpoint, device: torch.device, timeout_s: float) -> in
         raise CheckpointError(
             f"{ckpt.directory}: layout {ckpt.layout.name} needs {ckpt.layout.world_size} ranks, started with {world}"
         )
-    backend = "nccl" if device.type == "cuda" else "gloo"
+    # One rank has no peer to talk to: gloo's group costs nothing to start, where NCCL's
+    # communicator took 0.5 s of a one-GPU `reshard run` (docs/benchmarks.md).
+    nccl = device.type == "cuda" and world > 1
     dist.init_process_group(
-        backend,
+        "nccl" if nccl else "gloo",
         timeout=timedelta(seconds=timeout_s),
-        device_id=device if device.type == "cuda" else None,
+        device_id=device if nccl else None,
     )
     return rank
 
@@ -154,8 +157,11 @@ class Decoder:
         )
 
         def step(ids_BT: torch.Tensor, start_pos: int) -> torch.Tensor:
-            if static_step is not None and ids_BT.shape[1] == 1:
-                return static_step(ids_BT, start_pos)
+            if ids_BT.shape[1] == 1:  # a decode step: its few expert rows take the indexed kernel
+                with decode_steps(self.device):
+                    if static_step is not None:
+                        return static_step(ids_BT, start_pos)
+                    return self.pm.model(ids_BT, start_pos, cache)
             # Only the last position's logits: the next token needs no others.
             return self.pm.model(ids_BT, start_pos, cache, logits_from=ids_BT.shape[1] - 1)
 

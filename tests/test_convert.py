@@ -253,6 +253,77 @@ def test_workers_2_writes_the_same_bytes_as_workers_1(out, tmp_path):
     assert json.loads((out2 / "reshard.json").read_text())["ranks"] == ranks
 
 
+def _refuse_direct_io(monkeypatch, at: str) -> None:
+    """A file system without direct I/O: EINVAL at open (tmpfs) or only at the first write."""
+    import errno
+    import fcntl
+
+    real_open, real_pwrite = os.open, os.pwrite
+
+    def refusing_open(path, flags, *args, **kwargs):
+        if at == "open" and flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        return real_open(path, flags, *args, **kwargs)
+
+    def refusing_pwrite(fd, data, offset):
+        if at == "write" and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "open", refusing_open)
+    monkeypatch.setattr(os, "pwrite", refusing_pwrite)
+
+
+@pytest.mark.parametrize("how", ["buffered", "refused at open", "refused at write", "small blocks"])
+def test_every_way_of_writing_gives_the_same_bytes(how, out, tmp_path, monkeypatch):
+    """Direct I/O (the `out` fixture, on Linux), buffered writes, a file system that refuses
+    O_DIRECT at open or only at the first write, and blocks so small that computed segments
+    (column slices) straddle them: the same files, each computed segment computed once."""
+    import reshard.engine as engine
+    from reshard.converters.lazy import Computed
+
+    computed: dict[int, list] = {}  # id -> [the segment, kept alive so ids stay unique; calls]
+    if how == "buffered":
+        monkeypatch.setattr(engine, "DIRECT_IO", False)
+    elif how.startswith("refused"):
+        if not hasattr(os, "O_DIRECT"):
+            pytest.skip("no O_DIRECT on this platform: every write is buffered")
+        _refuse_direct_io(monkeypatch, how.split()[-1])
+    else:
+        monkeypatch.setattr(engine, "BLOCK", 2 * engine.ALIGN)
+        real_tensor = Computed.tensor
+
+        def counted(self):
+            computed.setdefault(id(self), [self, 0])[1] += 1
+            return real_tensor(self)
+
+        monkeypatch.setattr(Computed, "tensor", counted)
+    out2 = tmp_path / "w"
+    run("convert", "--src", "tiny:qwen3_moe", "--layout", "ep2tp2", "--out", out2, "--workers", 2)
+    for name in rank_names(4):
+        assert (out2 / name).read_bytes() == (out / name).read_bytes(), name
+    ranks = json.loads((out / "reshard.json").read_text())["ranks"]
+    assert json.loads((out2 / "reshard.json").read_text())["ranks"] == ranks
+    if how == "small blocks":
+        assert computed and {calls for _, calls in computed.values()} == {1}, computed
+
+
+def test_rank_files_are_written_with_direct_io_on_linux(tmp_path, monkeypatch):
+    """The engine asks for O_DIRECT for every rank file where the platform has it."""
+    if not hasattr(os, "O_DIRECT"):
+        pytest.skip("no O_DIRECT on this platform")
+    real_open, direct = os.open, []
+
+    def recording_open(path, flags, *args, **kwargs):
+        if str(path).endswith(".tmp") and "rank-" in str(path):
+            direct.append(bool(flags & os.O_DIRECT))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", recording_open)
+    run("convert", "--src", "tiny:qwen3_moe", "--layout", "tp2", "--out", tmp_path / "o")
+    assert direct == [True, True], direct
+
+
 # --- resume --------------------------------------------------------------------------------------
 
 

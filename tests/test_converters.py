@@ -183,7 +183,7 @@ def _segment_bytes(segments) -> bytearray:
                 f.seek(segment.offset)
                 data += f.read(segment.nbytes)
         else:
-            data += segment.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+            data += segment.tensor().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
     return data
 
 

@@ -121,13 +121,27 @@ def test_greedy_tokens_on_cuda_match_transformers(tiny_dir, tmp_path, layout, dt
     assert got["output_ids"] == want[: len(got["output_ids"])]
 
 
-def _graph_and_eager(rank: int, directory: str, prompts: list[list[int]]) -> list:
-    """Greedy tokens of the default decode (a CUDA graph in bf16) and of the eager one."""
+def _graph_and_eager(
+    rank: int, directory: str, prompts: list[list[int]]
+) -> tuple[list, list, list[str]]:
+    """Greedy tokens of the default decode (a CUDA graph in bf16) and of the eager one, and the
+    expert path of each of the eager run's expert forwards, in order."""
     import torch.distributed as dist
 
     from reshard.checkpoint import open_checkpoint
     from reshard.runtime.load import load_parallel_model
+    from reshard.runtime.model import Experts
     from reshard.runtime.worker import Decoder
+
+    paths = []
+    originals = {name: getattr(Experts, name) for name in ("_sorted", "_indexed")}
+    for name, real in originals.items():
+
+        def recorded(self, *args, real=real, path=name[1:]):
+            paths.append(path)
+            return real(self, *args)
+
+        setattr(Experts, name, recorded)
 
     device = torch.device("cuda", 0)
     store = dist.HashStore()
@@ -139,11 +153,14 @@ def _graph_and_eager(rank: int, directory: str, prompts: list[list[int]]) -> lis
         assert default.cuda_graph is (pm.model.lm_head.weight.dtype == torch.bfloat16)
         outs = []
         for decoder in (default, Decoder(pm, device, [], static_decode=False)):
+            paths.clear()
             with torch.no_grad():
                 outs.append(decoder.generate(prompts, max_new_tokens=16)[0])
-        return outs
+        return *outs, list(paths)
     finally:
         dist.destroy_process_group()
+        for name, real in originals.items():
+            setattr(Experts, name, real)
 
 
 @needs_gpu
@@ -159,8 +176,13 @@ def test_cuda_graph_decode_matches_eager_and_transformers(tiny_dir, tmp_path, dt
     model = AutoModelForCausalLM.from_pretrained(str(tiny_dir), dtype=torch_dtype).cuda()
     tok = Tokenizer.from_file(str(tiny_dir / "tokenizer.json"))
     prompts = [tok.encode(p).ids for p in ("Why is the sky blue? Because", "Hello")]
-    graph, eager = _graph_and_eager(0, str(out), prompts)
+    graph, eager, paths = _graph_and_eager(0, str(out), prompts)
     assert graph == eager
+    # The prefill (a few rows) takes the sorted path; in bf16 the decode steps the kernel.
+    layers = model.config.num_hidden_layers
+    assert paths[:layers] == ["sorted"] * layers, paths
+    decode = set(paths[layers:])
+    assert decode == ({"indexed"} if dtype == "bf16" else {"sorted"}), paths
     result = reshard(
         "run", str(out), "--prompt", "Why is the sky blue? Because", "--max-new-tokens", "16",
         "--device", "cuda", "--json",
@@ -221,7 +243,7 @@ def test_gpt_oss_on_cuda_matches_transformers_in_bf16_graphs_and_mxfp4(tmp_path)
     mx = write_mxfp4_checkpoint(tmp_path / "mxfp4")
     tok = Tokenizer.from_file(str(src / "tokenizer.json"))
     prompts = [tok.encode(p).ids for p in ("Why is the sky blue", "Hi")]
-    graph, eager = _graph_and_eager(
+    graph, eager, _ = _graph_and_eager(
         0, str(_convert_dir(src, tmp_path / "bf16", "tp1", "bf16")), prompts
     )
     record(check="gpt_oss-cuda-graph", equal=graph == eager)
@@ -279,6 +301,7 @@ def test_indexed_and_sorted_experts_agree_for_every_family_variant():
     GEMM give the same outputs in bf16 for the expert variants: Qwen's, Llama 4's (transposed,
     input scaling), GPT-OSS's (biases, interleaved clamped SwiGLU)."""
     from reshard.architecture import ModelArgs
+    from reshard.runtime.indexed_experts import decode_steps
     from reshard.runtime.model import Experts
 
     base = dict(vocab_size=8, hidden_size=64, num_layers=1, num_heads=2, num_kv_heads=1)
@@ -298,7 +321,28 @@ def test_indexed_and_sorted_experts_agree_for_every_family_variant():
         x_TH = torch.randn(4, 64, device="cuda", dtype=torch.bfloat16)
         ids_TK = torch.stack([torch.randperm(8, device="cuda")[:2] for _ in range(4)])
         weights_TK = torch.rand(4, 2, device="cuda").to(torch.bfloat16)
-        with torch.no_grad():
+        with torch.no_grad(), decode_steps(torch.device("cuda")):
             fast = experts(x_TH, ids_TK, weights_TK)  # 8 rows: the indexed kernel
         sorted_ = experts(x_TH, ids_TK, weights_TK)  # with grad: the sorted path
         torch.testing.assert_close(fast, sorted_.detach(), rtol=2e-2, atol=2e-2, msg=name)
+
+
+@needs_gpu
+@pytest.mark.parametrize("chunk", [None, 4096], ids=["default", "4kB-reads"])
+def test_a_rank_loads_onto_the_gpu_as_safetensors_reads_it(tmp_path, chunk, monkeypatch):
+    """`load_rank(device="cuda")` (pinned buffers, a stream per thread) gives the tensors that
+    safetensors' own `load_file(device="cuda")` gives, also when reads cut every tensor."""
+    from safetensors.torch import load_file
+
+    import reshard.device_read as device_read
+    from reshard.checkpoint import open_checkpoint
+
+    if chunk is not None:
+        monkeypatch.setattr(device_read, "CHUNK", chunk)
+    ckpt = open_checkpoint(_convert(tmp_path, "ep2", "bf16"))
+    got = ckpt.load_rank(1, device="cuda")
+    want = load_file(str(ckpt.rank_path(1)), device="cuda")
+    assert sorted(got) == sorted(want)
+    for name, tensor in want.items():
+        assert got[name].device.type == "cuda", name
+        assert got[name].dtype == tensor.dtype and torch.equal(got[name], tensor), name

@@ -501,9 +501,10 @@ def test_generate_stops_one_step_after_every_row_has_finished():
     assert seen == [[4], [4, 5], [4, 5, 6]]
 
 
-def test_triton_is_imported_only_by_a_cuda_forward(tmp_path):
+def test_triton_is_imported_only_by_a_cuda_decode_step(tmp_path):
     """`import triton` costs seconds on a cold start: loading the runtime and running experts on
-    the CPU never imports it (a stand-in `triton` package on the path records any import)."""
+    the CPU, in a decode step too, never imports it (a stand-in `triton` package on the path
+    records any import)."""
     import os
     import subprocess
     import sys
@@ -521,7 +522,7 @@ from reshard.runtime.model import Experts
 assert indexed_experts.HAS_TRITON  # the stand-in is found, and not imported
 args = ModelArgs(vocab_size=8, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
                  head_dim=8, intermediate_size=32, moe_intermediate_size=8, num_experts=4, top_k=2)
-with torch.no_grad():
+with torch.no_grad(), indexed_experts.decode_steps(torch.device("cpu")):
     Experts(args)(torch.randn(3, 16), torch.tensor([[0, 1]] * 3), torch.ones(3, 2))
 """
     path = os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH")) if p)

@@ -176,8 +176,8 @@ def test_an_interrupted_export_leaves_nothing_that_looks_finished(
             raise KeyboardInterrupt
         return original(*args)
 
-    original = reshard.engine._copy
-    monkeypatch.setattr(reshard.engine, "_copy", fail_on_second)
+    original = reshard.engine._fill_and_write
+    monkeypatch.setattr(reshard.engine, "_fill_and_write", fail_on_second)
     from reshard.export import export
 
     with pytest.raises(KeyboardInterrupt):
