@@ -189,12 +189,7 @@ class SliceReader:
         try:
             fd = os.open(path, os.O_RDONLY)
             try:
-                done = 0
-                while done < len(buffer):
-                    n = os.preadv(fd, [buffer[done:]], offset + done)
-                    if n == 0:
-                        raise OSError(f"the file ends at byte {offset + done:,}")
-                    done += n
+                pread_exactly(fd, buffer, offset)
             finally:
                 os.close(fd)
         except OSError as e:
@@ -258,6 +253,16 @@ class SliceReader:
         if future is not None:
             future.set_result(span)
         return span
+
+
+def pread_exactly(fd: int, buffer: memoryview, offset: int) -> None:
+    """Fill `buffer` with the bytes of `fd` from `offset`; OSError if the file ends first."""
+    done = 0
+    while done < len(buffer):
+        n = os.preadv(fd, [buffer[done:]], offset + done)
+        if n == 0:
+            raise OSError(f"the file ends at byte {offset + done:,}")
+        done += n
 
 
 def row_major_strides(shape: Sequence[int]) -> list[int]:

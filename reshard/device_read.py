@@ -4,8 +4,8 @@
 file's mapping): 2.4 s for an 11.2 GB rank on an H200 host, a quarter of `reshard run`'s
 start (docs/benchmarks.md). Here the tensors are allocated on the device first; then
 THREADS threads each read CHUNK-byte spans of the data section with `preadv` into a pinned
-buffer of their own and copy them on asynchronously, on a stream of their own, so reading
-the next span overlaps the copy of the last. Neighbouring small tensors share one read.
+buffer of their own and copy them on asynchronously, on a stream of their own, so one
+thread's read overlaps the others' copies. Neighbouring small tensors share one read.
 
 On the CPU (tests, and where there is no CUDA) the same code runs with plain buffers and
 synchronous copies.
@@ -22,8 +22,10 @@ from pathlib import Path
 
 import torch
 
+from reshard.converters.lazy import pread_exactly
 from reshard.errors import CheckpointError
 from reshard.safetensors_header import Header
+from reshard.writer import tensor_bytes
 
 CHUNK = 64 << 20
 THREADS = 4
@@ -108,14 +110,14 @@ def _read_every(
     pinned: bool,
     errors: list[BaseException],
 ) -> None:
-    """One thread's reads, through one buffer: read a span, copy it on, read the next while the
-    copy runs (waiting for it only before the buffer is filled again)."""
+    """One thread's reads, through one buffer: read a span, copy it on, and wait for that copy
+    only before the buffer is filled again."""
     try:
         size = max(c.nbytes for c in chunks)
         buffer = torch.empty(size, dtype=torch.uint8, pin_memory=pinned)
         stream = torch.cuda.Stream(device) if pinned else None
         copied = torch.cuda.Event() if pinned else None
-        view = _bytes(buffer)
+        view = tensor_bytes(buffer)
         for chunk in chunks:
             if errors:
                 return
@@ -136,19 +138,8 @@ def _read_every(
         errors.append(e)
 
 
-def _bytes(buffer: torch.Tensor) -> memoryview:
-    from reshard.writer import tensor_bytes
-
-    return tensor_bytes(buffer)
-
-
 def _pread_exactly(fd: int, view: memoryview, offset: int, path: Path) -> None:
-    done = 0
     try:
-        while done < len(view):
-            n = os.preadv(fd, [view[done:]], offset + done)
-            if n == 0:
-                raise OSError(f"the file ends at byte {offset + done:,}")
-            done += n
+        pread_exactly(fd, view, offset)
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from e

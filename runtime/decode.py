@@ -8,20 +8,51 @@ preallocated and written with ``index_copy_``; attention masks the slots not wri
 so it has no host round trip, then capture it once with ``torch.cuda.CUDAGraph`` and replay
 it per token.
 
-What keeps a step out of a graph is a host-dependent shape: expert-parallel dispatch sizes
-its all_to_all from the routing (the host reads the counts), so layouts with an EP group
-decode eagerly.
+Forwards inside ``decode_steps`` are decode steps, and two things change for them: their few
+expert rows take the indexed kernel (``indexed_experts``), and expert parallelism, instead of
+an all_to_all sized from the routing (the host reads the counts), has every EP rank apply
+its own experts to all of the step's rows and sums the results (``parallel``): no host round
+trip, the same shapes at every step. Prefill, ``validate`` and training stay as they are.
+Layouts with several ranks still decode eagerly by default: their graphs are not yet
+measured on a multi-GPU machine.
 """
 
 # Shape suffixes: B = batch, V = vocab
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 
 Forward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (ids_B1, start_pos) -> logits
+
+_decoding = False  # inside `decode_steps`
+
+
+@contextmanager
+def decode_steps(device: torch.device) -> Iterator[None]:
+    """Within it, forwards are decode steps (one new token per row).
+
+    On CUDA the indexed expert kernel is imported on entry, in eager Python: a compiled decode
+    step then never traces the import, and a captured one records the kernel itself.
+    """
+    global _decoding
+    if device.type == "cuda":
+        from reshard.runtime.indexed_experts import load_kernel
+
+        load_kernel()
+    previous, _decoding = _decoding, True
+    try:
+        yield
+    finally:
+        _decoding = previous
+
+
+def decoding() -> bool:
+    """Whether the forward running now is a decode step (inside ``decode_steps``)."""
+    return _decoding
 
 
 class StaticDecodeStep:

@@ -12,7 +12,7 @@ in token order, and a GEMV reads each weight it needs once per row.
 Once per *row* is also the limit: rows that share an expert read it again each, so past
 ``MAX_ROWS`` rows the grouped GEMM, which reads each expert once, is the faster one.
 
-Only decode steps take it, inside ``decode_steps(device)``: a prefill (and ``validate``, and
+Only decode steps take it (inside ``decode.decode_steps``): a prefill (and ``validate``, and
 training) takes the sorted path whatever its row count, so a prompt's logits do not depend
 on which path its length chose, and the first token never waits for ``import triton`` and
 the kernel's compilation (about 0.8 s of a one-token run on an H200).
@@ -27,16 +27,15 @@ here runs and the experts take the sorted path. The kernel itself is in ``indexe
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
+
+from reshard.runtime.decode import decoding
 
 # Whether Triton is installed, without importing it: `import triton` takes seconds on a cold
 # start, which a run on the CPU, or one that never decodes, should not pay.
 HAS_TRITON = importlib.util.find_spec("triton") is not None
-_kernel = None  # `indexed_kernel.row_times_its_expert`, once `decode_steps` has imported it
-_decoding = False  # inside `decode_steps`
+_kernel = None  # `indexed_kernel.row_times_its_expert`, once `load_kernel` has imported it
 
 # Above this many routed rows the grouped GEMM is as fast (H200, one Qwen3-30B-A3B layer:
 # 2.5x faster at 8 rows, 1.35x at 128, even at 256; `benchmarks/experts_kernel.py`).
@@ -47,28 +46,11 @@ MAX_ROWS = 128
 BLOCK_N, BLOCK_K, NUM_WARPS = 4, 1024, 4
 
 
-@contextmanager
-def decode_steps(device: torch.device) -> Iterator[None]:
-    """Within it, forwards of a few routed rows take the indexed kernel (on CUDA, with Triton).
-
-    The kernel is imported on entry, in eager Python: a compiled decode step then never traces
-    the import, and a captured one records the kernel itself.
-    """
-    global _decoding
-    if device.type == "cuda":
-        _kernel_loaded()
-    previous, _decoding = _decoding, True
-    try:
-        yield
-    finally:
-        _decoding = previous
-
-
 def indexed_runs(x: torch.Tensor, rows: int) -> bool:
     """Whether ``rows`` routed rows of ``x`` take the indexed kernel: in a decode step on CUDA,
     Triton present, no gradient wanted (the kernel has no backward), and few rows."""
     return (
-        _decoding
+        decoding()
         and _kernel is not None
         and x.is_cuda
         and x.dtype in (torch.bfloat16, torch.float16)
@@ -77,7 +59,8 @@ def indexed_runs(x: torch.Tensor, rows: int) -> bool:
     )
 
 
-def _kernel_loaded() -> bool:
+def load_kernel() -> bool:
+    """Import the kernel (and Triton) if it is not yet; whether it is there."""
     global _kernel
     if _kernel is None and HAS_TRITON:
         from reshard.runtime.indexed_kernel import row_times_its_expert
@@ -105,7 +88,7 @@ def indexed_linear(
     Returns:
         ``[M, N]`` in ``x``'s dtype, rows in the order of ``ids_M``.
     """
-    if not _kernel_loaded():
+    if not load_kernel():
         raise RuntimeError("the indexed expert kernel needs Triton, which is not installed")
     M, (N, K_in) = ids_M.shape[0], weight_ENK.shape[1:]
     x_RK = x_RK.contiguous()

@@ -1,5 +1,5 @@
 """The Triton kernel of ``indexed_experts``: each routed row times a block of its own expert's
-weight. Imported on first use (``indexed_experts._kernel_loaded``): importing Triton costs
+weight. Imported on first use (``indexed_experts.load_kernel``): importing Triton costs
 seconds on a cold start."""
 
 import triton

@@ -43,6 +43,7 @@ from reshard.layout import Layout
 from reshard.placements import Placement, Replicate, Shard, StridedShard
 from reshard.plan import ParamPlan
 from reshard.runtime import collectives as C
+from reshard.runtime.decode import decoding
 from reshard.runtime.mla import MLAttention
 from reshard.runtime.model import MLP, CausalLM, MoE, RMSNorm, inverse_permutation
 
@@ -106,6 +107,7 @@ class _MoEState:
     in_splits: list[int] = field(default_factory=list)
     out_splits: list[int] = field(default_factory=list)
     topk: int = 0
+    in_place: bool = False  # a decode step's experts applied where the rows are (before_moe)
 
 
 def _pad_rows(x_TH: torch.Tensor, multiple: int) -> torch.Tensor:
@@ -149,7 +151,11 @@ class _MoEHooks:
         x_TH = x_BTH.reshape(-1, x_BTH.shape[-1])
         s.valid_T = self._real_rows(*x_BTH.shape[:2], device=x_BTH.device)
         n = C.group_size(g.ep)
-        if n > 1 and not self.sp_is_split:
+        # A decode step's few rows are on every EP rank already: each applies its own experts
+        # to all of them, and the outputs are summed (after_experts). No exchange sized by the
+        # routing, so no host round trip, and the same shapes at every step.
+        s.in_place = n > 1 and decoding() and not self.sp
+        if n > 1 and not self.sp_is_split and not s.in_place:
             # Pad to a multiple of the EP size; pad rows are routed to expert 0 with weight 0.
             x_TH = C.split_to(_pad_rows(x_TH, n), 0, g.ep)
             chunk, pad = x_TH.shape[0], -s.valid_T.shape[0] % n
@@ -184,6 +190,11 @@ class _MoEHooks:
         n = C.group_size(g.ep)
         if n == 1:
             return x_TH, ids_TK, weights_TK
+        if s.in_place:  # this rank's experts only: the others' choices weigh 0 here
+            per = self.num_experts // n  # experts are Shard(0) over the EP group
+            local_TK = ids_TK - C.group_rank(g.ep) * per
+            mine_TK = (local_TK >= 0) & (local_TK < per)
+            return x_TH, torch.where(mine_TK, local_TK, 0), torch.where(mine_TK, weights_TK, 0)
         T, K = ids_TK.shape
         s.topk = K
         ids_M = ids_TK.reshape(-1)
@@ -200,7 +211,9 @@ class _MoEHooks:
 
     def after_experts(self, module, args, y):
         g, s = self.groups, self.state
-        if C.group_size(g.ep) > 1:
+        if s.in_place:
+            y = C.reduce_from(y, g.ep)
+        elif C.group_size(g.ep) > 1:
             y_MH = C.all_to_all(y, s.in_splits, s.out_splits, g.ep)
             y = y_MH[inverse_permutation(s.order_M)].view(-1, s.topk, y_MH.shape[-1]).sum(dim=1)
         return C.reduce_from(y, self.expert_tp)
@@ -208,7 +221,7 @@ class _MoEHooks:
     def after_moe(self, out_1TH: torch.Tensor) -> torch.Tensor:
         g, s = self.groups, self.state
         y_TH = out_1TH.reshape(-1, out_1TH.shape[-1])
-        if C.group_size(g.ep) > 1 and not self.sp_is_split:
+        if C.group_size(g.ep) > 1 and not self.sp_is_split and not s.in_place:
             rows = s.shape_BTH[0] * s.shape_BTH[1]
             y_TH = C.gather_from(y_TH, 0, g.ep)[:rows]
         y_BTH = y_TH.view(s.shape_BTH)

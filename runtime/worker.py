@@ -27,9 +27,8 @@ import torch.distributed as dist
 from reshard.checkpoint import ShardedCheckpoint, open_checkpoint
 from reshard.converters.lazy import RepeatBlocks, SliceReader, SourceTensor, read_selection
 from reshard.errors import CheckpointError, ReshardError
-from reshard.runtime.decode import StaticDecodeStep
+from reshard.runtime.decode import StaticDecodeStep, decode_steps
 from reshard.runtime.generate import generate
-from reshard.runtime.indexed_experts import decode_steps
 from reshard.runtime.load import load_parallel_model
 from reshard.runtime.model import KVCache, causal_lm_loss, grouped_mm_runs
 from reshard.runtime.parallel import ParallelModel
@@ -157,7 +156,7 @@ class Decoder:
         )
 
         def step(ids_BT: torch.Tensor, start_pos: int) -> torch.Tensor:
-            if ids_BT.shape[1] == 1:  # a decode step: its few expert rows take the indexed kernel
+            if ids_BT.shape[1] == 1:  # a decode step (see decode.decode_steps)
                 with decode_steps(self.device):
                     if static_step is not None:
                         return static_step(ids_BT, start_pos)

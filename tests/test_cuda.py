@@ -301,7 +301,7 @@ def test_indexed_and_sorted_experts_agree_for_every_family_variant():
     GEMM give the same outputs in bf16 for the expert variants: Qwen's, Llama 4's (transposed,
     input scaling), GPT-OSS's (biases, interleaved clamped SwiGLU)."""
     from reshard.architecture import ModelArgs
-    from reshard.runtime.indexed_experts import decode_steps
+    from reshard.runtime.decode import decode_steps
     from reshard.runtime.model import Experts
 
     base = dict(vocab_size=8, hidden_size=64, num_layers=1, num_heads=2, num_kv_heads=1)

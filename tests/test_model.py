@@ -517,12 +517,13 @@ import torch
 import reshard.runtime.worker
 from reshard.architecture import ModelArgs
 from reshard.runtime import indexed_experts
+from reshard.runtime.decode import decode_steps
 from reshard.runtime.model import Experts
 
 assert indexed_experts.HAS_TRITON  # the stand-in is found, and not imported
 args = ModelArgs(vocab_size=8, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
                  head_dim=8, intermediate_size=32, moe_intermediate_size=8, num_experts=4, top_k=2)
-with torch.no_grad(), indexed_experts.decode_steps(torch.device("cpu")):
+with torch.no_grad(), decode_steps(torch.device("cpu")):
     Experts(args)(torch.randn(3, 16), torch.tensor([[0, 1]] * 3), torch.ones(3, 2))
 """
     path = os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH")) if p)

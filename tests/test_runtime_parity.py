@@ -446,3 +446,77 @@ def test_routing_statistics_are_counted_only_when_asked(convert_tiny):
     k = ckpt.manifest.config["num_experts_per_tok"]
     layers = sum(1 for name in ckpt.params if name.endswith("mlp.experts.gate_up_proj"))
     assert run_on_ranks(_routing_counts, 2, str(directory)) == [(0, 10 * k * layers)] * 2
+
+
+def _decode_step_logits(rank: int, world: int, directory: str) -> dict:
+    """After the same prefill, one decode step's logits through the all_to_all dispatch and
+    inside `decode_steps` (each EP rank applies its own experts to every row, then a sum), and
+    which path each MoE layer took."""
+    from reshard.checkpoint import ShardedCheckpoint
+    from reshard.runtime.decode import decode_steps
+    from reshard.runtime.load import load_parallel_model
+    from reshard.runtime.model import KVCache
+
+    ckpt = ShardedCheckpoint(directory)
+    pm = load_parallel_model(ckpt, rank, device=torch.device("cpu"))
+    vocab = ckpt.manifest.config["vocab_size"]
+    prompt_BT = (torch.arange(14).view(2, 7) * 5 + 1) % vocab
+    next_B1 = torch.tensor([[3], [11]])
+    out = {}
+    with torch.no_grad():
+        for how in ("exchange", "in place"):
+            cache = KVCache(16)
+            pm.model(prompt_BT, 0, cache)
+            if how == "in place":
+                with decode_steps(torch.device("cpu")):
+                    logits = pm.model(next_B1, 7, cache)
+            else:
+                logits = pm.model(next_B1, 7, cache)
+            out[how] = (logits, [h.state.in_place for h in pm.moe_hooks])
+    return out
+
+
+def test_a_decode_step_applies_the_experts_in_place_of_the_exchange(convert_tiny):
+    """Under EP a decode step needs no all_to_all sized by the routing (a host round trip per
+    layer): every rank applies its own experts to all rows and the outputs are summed. Same
+    logits as the exchange (fp32, to rounding), on every rank, with expert TP too (ep2tp2)."""
+    from helpers_dist import run_on_ranks
+
+    results = run_on_ranks(_decode_step_logits, 4, str(convert_tiny("ep2tp2")))
+    for rank, result in enumerate(results):
+        (exchange, paths_exchange), (in_place, paths_in_place) = (
+            result["exchange"],
+            result["in place"],
+        )
+        assert paths_exchange and not any(paths_exchange), (rank, paths_exchange)
+        assert paths_in_place and all(paths_in_place), (rank, paths_in_place)
+        torch.testing.assert_close(in_place, exchange, rtol=1e-5, atol=1e-5, msg=f"rank {rank}")
+        torch.testing.assert_close(in_place, results[0]["in place"][0], rtol=0, atol=0)
+
+
+def _static_and_eager_tokens(rank: int, world: int, directory: str) -> list:
+    from reshard.checkpoint import ShardedCheckpoint
+    from reshard.runtime.load import load_parallel_model
+    from reshard.runtime.worker import Decoder
+
+    pm = load_parallel_model(ShardedCheckpoint(directory), rank, device=torch.device("cpu"))
+    prompts = [[5, 9, 2, 7, 1], [4, 8]]  # padded: per-row positions in the static step
+    with torch.no_grad():
+        return [
+            Decoder(pm, torch.device("cpu"), [], static_decode=static).generate(
+                prompts, max_new_tokens=6
+            )[0]
+            for static in (True, False)
+        ]
+
+
+def test_static_shape_decode_under_ep_gives_the_eager_tokens(convert_tiny):
+    """The static decode step (fixed shapes: the position in a device tensor, the experts applied
+    in place of the exchange), which a CUDA graph could capture, at ep2tp2: the eager step's
+    greedy tokens on a padded batch, on every rank."""
+    from helpers_dist import run_on_ranks
+
+    results = run_on_ranks(_static_and_eager_tokens, 4, str(convert_tiny("ep2tp2")))
+    static, eager = results[0]
+    assert static == eager and all(len(row) == 6 for row in static), (static, eager)
+    assert all(r == results[0] for r in results), results
