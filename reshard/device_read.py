@@ -53,14 +53,13 @@ def read_tensors(
         for name in names
     }
     chunks = _chunks(header, tensors)
-    pinned = device.type == "cuda"
     errors: list[BaseException] = []
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     try:
         threads = [
             threading.Thread(
                 target=_read_every,
-                args=(fd, path, chunks[k::THREADS], device, pinned, errors),
+                args=(fd, path, chunks[k::THREADS], device, errors),
                 name=f"reshard-read-{k}",
             )
             for k in range(min(THREADS, len(chunks)))
@@ -83,10 +82,9 @@ def _chunks(header: Header, tensors: dict[str, torch.Tensor]) -> list[_Chunk]:
     pending: list[tuple[torch.Tensor, int]] = []
     start = end = 0  # the pending read's file span, relative to the data section
     for name, tensor in sorted(tensors.items(), key=lambda kv: header.tensors[kv[0]].start):
-        info = header.tensors[name]
-        data = tensor.reshape(-1).view(torch.uint8) if tensor.numel() else None
-        if data is None:
+        if not tensor.numel():
             continue
+        info, data = header.tensors[name], tensor.reshape(-1).view(torch.uint8)
         at = info.start
         while at < info.stop:
             if pending and (at != end or end - start >= CHUNK):
@@ -107,11 +105,11 @@ def _read_every(
     path: Path,
     chunks: list[_Chunk],
     device: torch.device,
-    pinned: bool,
     errors: list[BaseException],
 ) -> None:
     """One thread's reads, through one buffer: read a span, copy it on, and wait for that copy
     only before the buffer is filled again."""
+    pinned = device.type == "cuda"  # pinned buffers and async copies; plain ones on the CPU
     try:
         size = max(c.nbytes for c in chunks)
         buffer = torch.empty(size, dtype=torch.uint8, pin_memory=pinned)
