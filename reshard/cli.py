@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import sys
@@ -440,10 +441,13 @@ def verify(directory: str, against: str | None, quiet: bool) -> None:
         from reshard.sources import open_source
 
         plan = make_plan(open_source(against), ckpt.layout, ckpt.manifest.dtype)
-        first = list(checks)
-        checks = iter(
-            first + list(check_against(ckpt, plan)) if all(f.ok for f in first) else first
-        )
+        # Sizes and own headers first: a missing or cut file stops here. Then the tensors are
+        # compared while the sha256s (started before the imports) finish, not after them.
+        found = list(check_files(ckpt, hash=False))
+        if all(f.ok for f in found):
+            checks = itertools.chain(check_against(ckpt, plan), checks)
+        else:
+            checks = iter(found)
         total += len(ckpt.params)
     failures = 0
     for finding in tqdm(checks, total=total, desc="verify", disable=not _progress(quiet)):

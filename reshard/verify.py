@@ -32,16 +32,19 @@ class Finding:
     what: str
 
 
-def check_files(ckpt: ShardedCheckpoint, workers: int | None = None) -> Iterator[Finding]:
-    """One finding per rank, in rank order: its files' sizes, sha256s and own headers against
-    the manifest. Only the tool's own errors are findings; anything else propagates."""
+def check_files(
+    ckpt: ShardedCheckpoint, workers: int | None = None, *, hash: bool = True
+) -> Iterator[Finding]:
+    """One finding per rank, in rank order: its files' sizes, own headers and (with `hash`)
+    sha256s against the manifest. Only the tool's own errors are findings; anything else
+    propagates."""
 
     def check(rank: int) -> Finding:
         try:
-            ckpt.check_rank_file(rank)
+            ckpt.check_rank_file(rank, hash=hash)
         except ReshardError as e:
             return Finding(False, str(e))
-        return Finding(True, f"{ckpt.rank_path(rank).name}: sha256 ok")
+        return Finding(True, f"{ckpt.rank_path(rank).name}: " + ("sha256 ok" if hash else "found"))
 
     with cf.ThreadPoolExecutor(workers or default_workers()) as pool:
         yield from pool.map(check, range(ckpt.layout.world_size))
@@ -49,17 +52,28 @@ def check_files(ckpt: ShardedCheckpoint, workers: int | None = None) -> Iterator
 
 def check_against(ckpt: ShardedCheckpoint, plan, workers: int | None = None) -> Iterator[Finding]:
     """One finding per parameter: every rank's local tensor equals the source's bytes at the
-    selection the manifest gives that rank (so replicas agree and the pieces cover the tensor)."""
+    selection the manifest gives that rank (so replicas agree and the pieces cover the tensor).
+
+    Every (parameter, rank) comparison is queued at once, so the threads never wait for a
+    parameter's slowest rank; findings still come in parameter order."""
     world = ckpt.layout.world_size
     offsets = _data_offsets(ckpt)
     reader = SliceReader()
     with cf.ThreadPoolExecutor(workers or default_workers()) as pool:
+        jobs = {}
+        for name, p in ckpt.params.items():
+            want = plan.params.get(name)
+            if want is not None and (p.dtype, p.shape) == (want.dtype, want.shape):
+                jobs[name] = [
+                    pool.submit(_compare_rank, ckpt, plan, name, rank, offsets, reader)
+                    for rank in range(world)
+                ]
         for name, p in ckpt.params.items():
             if name not in plan.params:
                 yield Finding(False, f"{name}: not a parameter of the source")
                 continue
-            want = plan.params[name]
-            if (p.dtype, p.shape) != (want.dtype, want.shape):
+            if name not in jobs:
+                want = plan.params[name]
                 yield Finding(
                     False,
                     f"{name}: {DTYPE_NAMES[p.dtype]} {list(p.shape)} in the checkpoint, "
@@ -67,11 +81,7 @@ def check_against(ckpt: ShardedCheckpoint, plan, workers: int | None = None) -> 
                     "differs from the source",
                 )
                 continue
-            jobs = [
-                pool.submit(_compare_rank, ckpt, plan, name, rank, offsets, reader)
-                for rank in range(world)
-            ]
-            problems = [problem for job in jobs if (problem := job.result())]
+            problems = [problem for job in jobs[name] if (problem := job.result())]
             if problems:
                 yield Finding(False, problems[0])
             else:
@@ -107,7 +117,18 @@ def _compare_rank(
         flat = expected.contiguous().view(-1).view(torch.uint8)  # bits: NaN == NaN, -0.0 != 0.0
         actual = torch.empty_like(flat)
         reader.read_into(str(path), offset, tensor_bytes(actual), f"tensor {name}")
-        if not torch.equal(flat, actual):
+        if not same_bytes(flat, actual):
             return f"{name}: rank {rank} ({path.name}) differs from the source"
         offset += flat.numel()
     return None
+
+
+def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two flat uint8 tensors hold the same bytes: compared 8 at a time where both are
+    aligned to it (torch.equal on uint8 ran at 1.1 GB/s on the 2-core VM, on int64 at 9)."""
+    whole = a.numel() // 8 * 8
+    if whole and a.data_ptr() % 8 == 0 and b.data_ptr() % 8 == 0:
+        if not torch.equal(a[:whole].view(torch.int64), b[:whole].view(torch.int64)):
+            return False
+        a, b = a[whole:], b[whole:]
+    return torch.equal(a, b)

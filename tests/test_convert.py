@@ -400,6 +400,35 @@ def test_verify_fails_on_a_flipped_byte_and_names_the_file(copy):
         assert "sha256" in result.stderr
         for other in (0, 1, 3):
             assert f"FAIL {copy / rank_names(4)[other]}" not in result.stderr
+        # --against compares the tensors too (sizes and headers hold), and names the one hit
+        assert ("differs from the source" in result.stderr) == bool(extra), result.stderr
+
+
+def test_verify_against_a_cut_rank_file_reports_only_its_size(copy):
+    path = copy / rank_names(4)[1]
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size - 3)
+    result = run("verify", copy, "--against", "tiny:qwen3_moe", ok=False)
+    assert result.exit_code == 1
+    failures = [line for line in result.stderr.splitlines() if line.startswith("FAIL")]
+    assert len(failures) == 1 and str(path) in failures[0] and "truncated" in failures[0]
+    assert "Traceback" not in result.output + result.stderr
+
+
+@pytest.mark.parametrize("length", [0, 1, 7, 8, 9, 64, 4099])
+@pytest.mark.parametrize("shift", [0, 1, 3])
+def test_same_bytes_agrees_with_a_bytewise_comparison(length, shift):
+    """Whatever the length and the alignment, one changed byte anywhere is found."""
+    from reshard.verify import same_bytes
+
+    base = torch.randint(0, 256, (length + shift,), dtype=torch.uint8)
+    a = base[shift:]
+    assert same_bytes(a, a.clone()) and same_bytes(a, base.clone()[shift:])
+    for at in sorted({0, length // 2, length - 1} & set(range(length))):
+        b = base.clone()[shift:]
+        b[at] ^= 0x80
+        assert bytes(a.numpy()) != bytes(b.numpy())
+        assert not same_bytes(a, b) and not same_bytes(b, a)
 
 
 def test_verify_against_catches_changed_values_even_with_matching_hashes(copy):
