@@ -15,7 +15,8 @@ given with --src), in one run, round-robin so machine noise hits every row alike
 | no-op LAYOUT    | `reshard convert` again into the finished --out                         |
 
 For each: median wall time, bytes written, GB/s, the ratio to cp per byte written
-((t / bytes) / (t_cp / bytes_cp)), and peak RSS (the command's own, see
+((t / bytes) / (t_cp / bytes_cp); verify per byte of the checkpoint it reads, a no-op per
+source byte), and peak RSS (the command's own, see
 convert_memory.py). The page cache is warm after the first round, as in the issue's
 figures; `--drop-caches` (root) drops it before every command instead.
 
@@ -160,7 +161,12 @@ def summarize(results: list[dict], source_bytes: int) -> list[dict]:
     for name, rs in rows.items():
         wall = statistics.median(r["wall_s"] for r in rs)
         written = rs[0]["bytes_written"]
-        moved = written or source_bytes  # verify and no-op write nothing: per source byte
+        # verify reads every byte of the checkpoint it checks (what `reshard LAYOUT` wrote);
+        # a no-op writes nothing: per source byte
+        verified = (
+            rows.get(name.replace("verify ", "reshard ", 1)) if name.startswith("verify") else None
+        )
+        moved = written or (verified[0]["bytes_written"] if verified else source_bytes)
         out.append(
             {
                 "row": name,
