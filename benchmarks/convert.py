@@ -10,6 +10,8 @@ given with --src), in one run, round-robin so machine noise hits every row alike
 | cp              | `cp -r SRC` to the same disk, then `sync` (the floor)                   |
 | reshard LAYOUT  | `reshard convert --src SRC --layout LAYOUT` (fresh --out, fresh          |
 |                 | $RESHARD_CACHE: the source is hashed as on a first conversion), `sync`  |
+| ... from hf:    | the same from `hf:` (SRC laid out as a Hub cache, offline): as after a  |
+|                 | download, the source's sha256s are the blobs' names, not computed       |
 | naive LAYOUT    | benchmarks/naive_convert.py (load, fuse, chunk, save_file), then `sync` |
 | verify LAYOUT   | `reshard verify OUT --against SRC`                                      |
 | no-op LAYOUT    | `reshard convert` again into the finished --out                         |
@@ -91,20 +93,63 @@ def rounds(
     src: Path, work: Path, layouts: list[str], n: int, drop: bool, only: tuple[str, ...] = ()
 ) -> list[dict]:
     os.environ["RESHARD_CACHE"] = str(work / "cache")  # the hash cache the rows see
+    hub = None
+    if not only:
+        os.environ |= {"HF_HUB_CACHE": str(work / "hub"), "HF_HUB_OFFLINE": "1"}
+        hub = hub_cache(src, work / "hub")
     results = []
     for r in range(n):
-        for name, make in _rows(src, work, layouts):
+        for name, make in _rows(src, work, layouts, hub):
             if only and not name.startswith(only):
                 continue
             out, cmd = make()
             print(f"round {r + 1}/{n}: {name}", file=sys.stderr, flush=True)
             results.append(run_row(name, cmd, out, drop))
-            if name.startswith(("cp", "naive")) and out is not None:
+            if name.startswith(("cp", "naive")) or name.endswith(HUB_ROW):
                 shutil.rmtree(out, ignore_errors=True)
     return results
 
 
-def _rows(src: Path, work: Path, layouts: list[str]):
+HUB_REPO = "reshard-bench/synth"
+HUB_ROW = " from hf:"
+
+
+def hub_cache(src: Path, cache: Path) -> str:
+    """`src` laid out as a Hugging Face Hub cache holds a downloaded model: blobs named by
+    their sha256 (hard links to `src`'s files where the disk allows), snapshot symlinks,
+    refs/main. Converting `hf:` from it is `reshard convert --src hf:org/name` after a
+    download: the source's sha256s are the blobs' names, not hashed again. Built untimed."""
+    import hashlib
+    from concurrent.futures import ThreadPoolExecutor
+
+    def sha256(path: Path) -> str:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(8 << 20):
+                digest.update(chunk)
+        return digest.hexdigest()
+
+    files = sorted(f for f in src.iterdir() if f.is_file())
+    with ThreadPoolExecutor(os.cpu_count()) as pool:
+        names = dict(zip(files, pool.map(sha256, files)))
+    commit = hashlib.sha1("".join(sorted(names.values())).encode()).hexdigest()
+    repo = cache / ("models--" + HUB_REPO.replace("/", "--"))
+    shutil.rmtree(repo, ignore_errors=True)
+    snapshot = repo / "snapshots" / commit
+    for d in (repo / "blobs", repo / "refs", snapshot):
+        d.mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    for f, digest in names.items():
+        blob = repo / "blobs" / digest
+        try:
+            os.link(f, blob)
+        except OSError:  # another file system
+            shutil.copyfile(f, blob)
+        (snapshot / f.name).symlink_to(os.path.relpath(blob, snapshot))
+    return f"hf:{HUB_REPO}"
+
+
+def _rows(src: Path, work: Path, layouts: list[str], hub: str | None = None):
     def fresh(path: Path) -> Path:
         shutil.rmtree(path, ignore_errors=True)
         return path
@@ -134,6 +179,18 @@ def _rows(src: Path, work: Path, layouts: list[str]):
             f"verify {layout}",
             lambda out=out: (None, reshard_cmd("verify", str(out), "--against", str(src), "-q")),
         )
+        # After the no-op and verify rows: it empties $RESHARD_CACHE, where they find hashes.
+        if hub is not None:
+            hub_out = work / f"reshard-hub-{layout}"
+            yield (
+                f"reshard {layout}{HUB_ROW}",
+                lambda out=hub_out, layout=layout: (
+                    fresh(out),
+                    reshard_cmd(
+                        "convert", "--src", hub, "--layout", layout, "--out", str(out), "-q"
+                    ),
+                ),
+            )
         naive = work / f"naive-{layout}"
         yield (
             f"naive {layout}",
