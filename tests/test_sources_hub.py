@@ -101,3 +101,30 @@ def test_missing_repo_offline_is_one_clear_line(hub_cache, tmp_path, src):
     assert first.startswith(f"error: {src}: not in the local Hub cache")
     assert "HF_HUB_OFFLINE" in first
     assert "Traceback" not in result.stderr
+
+
+def test_the_convert_benchmarks_hub_cache_converts_as_its_directory(tmp_path):
+    """benchmarks/convert.py's `from hf:` rows: the directory laid out as a Hub cache gives
+    the same rank files, and the manifest's source hashes (the blobs' names) are the files'."""
+    from helpers_cli import load_benchmark
+
+    src = tmp_path / "src"
+    write_tiny_checkpoint("qwen3_moe", src)
+    cache = tmp_path / "hub-cache"
+    spec = load_benchmark("convert").hub_cache(src, cache)
+    outs = {}
+    for name, source in (("local", str(src)), ("hub", spec)):
+        outs[name] = tmp_path / f"out-{name}"
+        args = ["convert", "--src", source, "--layout", "ep2tp2", "--out", str(outs[name]), "-q"]
+        result = _reshard(args, cache, tmp_path / f"work-{name}")
+        assert result.returncode == 0, result.stderr
+    local, hub = (json.loads((outs[k] / "reshard.json").read_text()) for k in ("local", "hub"))
+    assert hub["source"]["repo"] == "reshard-bench/synth"
+    weights = sorted(src.glob("*.safetensors"))
+    assert (
+        hub["source"]["files"] == {f.name: _sha256(f) for f in weights} == local["source"]["files"]
+    )
+    assert [r["sha256"] for r in hub["ranks"]] == [r["sha256"] for r in local["ranks"]]
+    # The hashes came free: each snapshot entry leads to a blob named by the file's sha256.
+    snapshot = cache / "models--reshard-bench--synth" / "snapshots" / hub["source"]["revision"]
+    assert {(snapshot / f.name).resolve().name for f in weights} == {_sha256(f) for f in weights}
