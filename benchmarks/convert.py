@@ -154,26 +154,19 @@ def _rows(src: Path, work: Path, layouts: list[str], hub: str | None = None):
         shutil.rmtree(path, ignore_errors=True)
         return path
 
+    def convert(source: str, layout: str, out: Path) -> list[str]:
+        return reshard_cmd("convert", "--src", source, "--layout", layout, "--out", str(out), "-q")
+
     yield "cp", lambda: (fresh(work / "cp"), ["cp", "-r", str(src), str(work / "cp")])
     for layout in layouts:
         out = work / f"reshard-{layout}"
         yield (
             f"reshard {layout}",
-            lambda out=out, layout=layout: (
-                fresh(out),
-                reshard_cmd(
-                    "convert", "--src", str(src), "--layout", layout, "--out", str(out), "-q"
-                ),
-            ),
+            lambda out=out, layout=layout: (fresh(out), convert(str(src), layout, out)),
         )
         yield (
             f"no-op {layout}",
-            lambda out=out, layout=layout: (
-                None,
-                reshard_cmd(
-                    "convert", "--src", str(src), "--layout", layout, "--out", str(out), "-q"
-                ),
-            ),
+            lambda out=out, layout=layout: (None, convert(str(src), layout, out)),
         )
         yield (
             f"verify {layout}",
@@ -181,15 +174,10 @@ def _rows(src: Path, work: Path, layouts: list[str], hub: str | None = None):
         )
         # After the no-op and verify rows: it empties $RESHARD_CACHE, where they find hashes.
         if hub is not None:
-            hub_out = work / f"reshard-hub-{layout}"
+            out = work / f"reshard-hub-{layout}"
             yield (
                 f"reshard {layout}{HUB_ROW}",
-                lambda out=hub_out, layout=layout: (
-                    fresh(out),
-                    reshard_cmd(
-                        "convert", "--src", hub, "--layout", layout, "--out", str(out), "-q"
-                    ),
-                ),
+                lambda out=out, layout=layout: (fresh(out), convert(hub, layout, out)),
             )
         naive = work / f"naive-{layout}"
         yield (
