@@ -59,7 +59,8 @@ def check_against(ckpt: ShardedCheckpoint, plan, workers: int | None = None) -> 
     world = ckpt.layout.world_size
     offsets = _data_offsets(ckpt)
     reader = SliceReader()
-    with cf.ThreadPoolExecutor(workers or default_workers()) as pool:
+    pool = cf.ThreadPoolExecutor(workers or default_workers())
+    try:
         jobs = {}
         for name, p in ckpt.params.items():
             want = plan.params.get(name)
@@ -86,6 +87,8 @@ def check_against(ckpt: ShardedCheckpoint, plan, workers: int | None = None) -> 
                 yield Finding(False, problems[0])
             else:
                 yield Finding(True, f"{name}: {list(p.shape)} bit-exact")
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # stopped early: drop the queued work
 
 
 def _data_offsets(ckpt: ShardedCheckpoint) -> dict[tuple[int, str], tuple[Path, int, tuple]]:

@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import struct
+import threading
 from pathlib import Path
 
 import pytest
@@ -413,6 +414,34 @@ def test_verify_against_a_cut_rank_file_reports_only_its_size(copy):
     failures = [line for line in result.stderr.splitlines() if line.startswith("FAIL")]
     assert len(failures) == 1 and str(path) in failures[0] and "truncated" in failures[0]
     assert "Traceback" not in result.output + result.stderr
+
+
+def test_verify_against_stopped_early_drops_its_queued_comparisons(out, monkeypatch):
+    """Every comparison is queued up front; a verify stopped after one finding (Ctrl-C, the
+    first failure) must not sit through all the others before it returns."""
+    import reshard.verify as verify
+    from reshard.checkpoint import ShardedCheckpoint
+    from reshard.convert import make_plan
+    from reshard.layout import Layout
+    from reshard.sources import open_source
+
+    compared, release = [], threading.Event()
+    real = verify._compare_rank
+
+    def compare(*args):
+        compared.append(args[2])
+        if len(compared) > 4:  # past the first parameter's 4 ranks: held until released
+            release.wait(timeout=30)
+        return real(*args)
+
+    monkeypatch.setattr(verify, "_compare_rank", compare)
+    ckpt = ShardedCheckpoint(out)
+    plan = make_plan(open_source("tiny:qwen3_moe"), Layout.parse("ep2tp2"))
+    findings = verify.check_against(ckpt, plan, workers=1)
+    assert next(findings).ok
+    threading.Timer(0.2, release.set).start()  # lets the one comparison in flight finish
+    findings.close()
+    assert len(compared) == 5 < len(ckpt.params) * 4  # the first parameter's, one in flight
 
 
 @pytest.mark.parametrize("length", [0, 1, 7, 8, 9, 64, 4099])
