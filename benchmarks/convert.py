@@ -122,16 +122,11 @@ def hub_cache(src: Path, cache: Path) -> str:
     import hashlib
     from concurrent.futures import ThreadPoolExecutor
 
-    def sha256(path: Path) -> str:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            while chunk := f.read(8 << 20):
-                digest.update(chunk)
-        return digest.hexdigest()
+    from reshard.hash_cache import sha256_file
 
     files = sorted(f for f in src.iterdir() if f.is_file())
     with ThreadPoolExecutor(os.cpu_count()) as pool:
-        names = dict(zip(files, pool.map(sha256, files)))
+        names = dict(zip(files, pool.map(sha256_file, files)))
     commit = hashlib.sha1("".join(sorted(names.values())).encode()).hexdigest()
     repo = cache / ("models--" + HUB_REPO.replace("/", "--"))
     shutil.rmtree(repo, ignore_errors=True)

@@ -23,7 +23,7 @@ from reshard.layout import Layout
 from reshard.manifest import FileEntry, Manifest, load_manifest
 from reshard.placements import Selection, local_selection, selection_shape
 from reshard.plan import ParamPlan
-from reshard.safetensors_header import read_header
+from reshard.safetensors_header import Header, read_header
 
 
 class ShardedCheckpoint:
@@ -82,14 +82,18 @@ class ShardedCheckpoint:
         coords = tuple(self.layout.coords(rank).values())
         return local_selection(p.shape, p.placements, self.layout.mesh_shape, coords, what=name)
 
-    def check_rank_file(self, rank: int, *, hash: bool = True, recorded: bool = False) -> None:
+    def check_rank_file(
+        self, rank: int, *, hash: bool = True, recorded: bool = False
+    ) -> dict[Path, Header]:
         """Raise CheckpointError unless each of rank `rank`'s files exists, has the manifest's
         size and sha256 (skipped with `hash=False`), and its own header names this rank, layout
         (and part) and holds exactly the manifest's tensors with their dtypes and local shapes.
+        Returns those headers, by file.
 
         `recorded=True` takes the sha256 from reshard.hash_cache while the file is unchanged
         since it was last hashed (or written by `convert`), instead of reading it again."""
         files = self.rank_files(rank)  # range-checked first
+        headers = {}
         for k, (path, entry) in enumerate(files, start=1):
             if not path.is_file():
                 what = "rank file missing"
@@ -110,9 +114,13 @@ class ShardedCheckpoint:
                         f"{path}: sha256 does not match the manifest (corrupt or replaced file)"
                     )
             part = f"{k}/{len(files)}" if len(files) > 1 else None
-            self._check_own_header(rank, path, part, entry.tensors or list(self.params))
+            names = entry.tensors or list(self.params)
+            headers[path] = self._check_own_header(rank, path, part, names)
+        return headers
 
-    def _check_own_header(self, rank: int, path: Path, part: str | None, names: list[str]) -> None:
+    def _check_own_header(
+        self, rank: int, path: Path, part: str | None, names: list[str]
+    ) -> Header:
         """The file's own header says which rank, layout and part it holds: a swapped or copied
         file, even with the manifest's hashes edited to match, is caught here."""
         header = read_header(path, error=CheckpointError)
@@ -138,6 +146,7 @@ class ShardedCheckpoint:
                     f"{path}: {name} is {info.dtype} {list(info.shape)}, the manifest says "
                     f"{expected[0]} {list(expected[1])}"
                 )
+        return header
 
     def tensor_file(self, rank: int, name: str) -> Path:
         """The file of rank `rank` that holds tensor `name`."""
@@ -153,13 +162,11 @@ class ShardedCheckpoint:
 
         `verify=False` skips only the sha256; the file's own header is always checked.
         """
-        self.check_rank_file(rank, hash=verify, recorded=True)
+        headers = self.check_rank_file(rank, hash=verify, recorded=True)
         if torch.device(device).type == "cuda":  # through pinned buffers, several at once
             tensors = {}
-            for path, entry in self.rank_files(rank):
-                names = entry.tensors or list(self.params)
-                header = read_header(path, error=CheckpointError)
-                tensors |= read_tensors(path, header, names, torch.device(device))
+            for path, header in headers.items():
+                tensors |= read_tensors(path, header, list(header.tensors), torch.device(device))
             return {name: tensors[name] for name in self.params}
         with self.open_rank(rank, device=device) as f:
             return {name: f.get_tensor(name) for name in self.params}

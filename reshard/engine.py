@@ -144,10 +144,10 @@ def _write_file(
     try:
         offset = 0
         for k, pieces in enumerate(_blocks(header, _until(stop, job.segments()))):
-            if buffers[k % (WINDOW + 1)] is None:
-                buffers[k % (WINDOW + 1)] = mmap.mmap(-1, BLOCK)
-            buffer = buffers[k % (WINDOW + 1)]
-            pending.append(io.submit(_fill_and_write, pieces, buffer, out, offset, reader))
+            slot = k % (WINDOW + 1)
+            if buffers[slot] is None:
+                buffers[slot] = mmap.mmap(-1, BLOCK)
+            pending.append(io.submit(_fill_and_write, pieces, buffers[slot], out, offset, reader))
             offset += sum(b - a for _, a, b in pieces)
             while len(pending) > WINDOW:
                 hash_next()

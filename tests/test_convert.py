@@ -245,13 +245,18 @@ def test_dtype_bf16(tmp_path, hf_params):
     assert "differs from the source" in result.output
 
 
+def assert_same_rank_files(got: Path, want: Path) -> None:
+    """The same four rank files, byte for byte, and the same manifest entries for them."""
+    for name in rank_names(4):
+        assert (got / name).read_bytes() == (want / name).read_bytes(), name
+    ranks = json.loads((want / "reshard.json").read_text())["ranks"]
+    assert json.loads((got / "reshard.json").read_text())["ranks"] == ranks
+
+
 def test_workers_2_writes_the_same_bytes_as_workers_1(out, tmp_path):
     out2 = tmp_path / "w2"
     run("convert", "--src", "tiny:qwen3_moe", "--layout", "ep2tp2", "--out", out2, "--workers", 2)
-    for name in rank_names(4):
-        assert (out2 / name).read_bytes() == (out / name).read_bytes(), name
-    ranks = json.loads((out / "reshard.json").read_text())["ranks"]
-    assert json.loads((out2 / "reshard.json").read_text())["ranks"] == ranks
+    assert_same_rank_files(out2, out)
 
 
 def _refuse_direct_io(monkeypatch, at: str) -> None:
@@ -301,10 +306,7 @@ def test_every_way_of_writing_gives_the_same_bytes(how, out, tmp_path, monkeypat
         monkeypatch.setattr(Computed, "tensor", counted)
     out2 = tmp_path / "w"
     run("convert", "--src", "tiny:qwen3_moe", "--layout", "ep2tp2", "--out", out2, "--workers", 2)
-    for name in rank_names(4):
-        assert (out2 / name).read_bytes() == (out / name).read_bytes(), name
-    ranks = json.loads((out / "reshard.json").read_text())["ranks"]
-    assert json.loads((out2 / "reshard.json").read_text())["ranks"] == ranks
+    assert_same_rank_files(out2, out)
     if how == "small blocks":
         assert computed and {calls for _, calls in computed.values()} == {1}, computed
 
