@@ -205,7 +205,7 @@ class SliceReader:
         first = sum(a * s for (a, _), s in zip(box, strides))
         last = sum((b - 1) * s for (_, b), s in zip(box, strides))
         shape = [b - a for a, b in box]
-        item = torch.empty((), dtype=tensor.dtype).element_size()
+        item = tensor.dtype.itemsize
         self.count(path, math.prod(shape) * item)
         if last - first + 1 == math.prod(shape):  # the box is one contiguous run
             span = torch.empty(last - first + 1, dtype=tensor.dtype)
@@ -310,7 +310,7 @@ class SourceTensor(LazyTensor):
         if any(a >= b for a, b in box):
             return
         shape, strides = self.shape, row_major_strides(self.shape)
-        item = torch.empty((), dtype=self.dtype).element_size()
+        item = self.dtype.itemsize
         # k: the last dim the box does not cover whole; a run spans dims k.. in full.
         k = max((d for d, (a, b) in enumerate(box) if (a, b) != (0, shape[d])), default=0)
         run = (box[k][1] - box[k][0]) * strides[k] * item
@@ -718,7 +718,7 @@ def _pieces(
     """The selection cut into row-major pieces of about `chunk_bytes`: boxes, or, when a strided
     shard of a late dim would take too many boxes, slabs of whole local rows (sub-selections)
     that torch gathers in one read."""
-    item = torch.empty((), dtype=tensor.dtype).element_size()
+    item = tensor.dtype.itemsize
     if count_row_major_boxes(selection) <= MAX_BOXES:
         for box in row_major_boxes(selection):
             yield from split_box(box, item, chunk_bytes)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import os
 import signal
 import sys
@@ -40,19 +39,26 @@ def _progress(quiet: bool) -> bool:
     return not quiet and sys.stderr.isatty()
 
 
-def _hash_while_importing(location: str, *, rank_files: bool) -> None:
+def _hash_while_importing(location: str, *, rank_files: bool, cached_only: bool = False) -> None:
     """Start hashing a local directory's files before the command imports torch, which keeps
     one core busy for seconds (reshard.hash_cache.prefetch): its rank files (verify reads them
     all), or its Hugging Face weight files (convert records their sha256s; a cached hash is
-    not read again). Under torchrun only the first process of a node does it."""
+    not read again). Under torchrun only the first process of a node does it.
+
+    `cached_only`: only files the page cache holds whole. A command that reads the others
+    anyway hashes them in that read; reading them twice would take them from the disk twice."""
     path = Path(location)
     if os.environ.get("LOCAL_RANK", "0") != "0" or not path.is_dir():
         return
+    from reshard.file_blocks import in_page_cache
     from reshard.hash_cache import prefetch
 
     files = sorted(path.glob("*.safetensors"))
     ranks = [f for f in files if f.name.startswith("rank-")]
-    prefetch(ranks if rank_files else [f for f in files if f not in ranks], cached=not rank_files)
+    files = ranks if rank_files else [f for f in files if f not in ranks]
+    if cached_only:
+        files = [f for f in files if in_page_cache(f)]
+    prefetch(files, cached=not rank_files)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -427,28 +433,28 @@ def verify(directory: str, against: str | None, quiet: bool) -> None:
       reshard verify tiny-ep2tp2 --against tiny:qwen3_moe
       reshard verify hf:me/Qwen3-30B-A3B-ep4tp4
     """
-    _hash_while_importing(directory, rank_files=True)
+    # Against a source, a file is hashed as it is compared, in one read, unless it is in the
+    # page cache: then the second read costs little, and the hash is done while torch imports.
+    _hash_while_importing(directory, rank_files=True, cached_only=bool(against))
     from tqdm.auto import tqdm
 
     from reshard.checkpoint import open_checkpoint
     from reshard.verify import check_against, check_files
 
     ckpt = open_checkpoint(directory)
-    checks = check_files(ckpt)
     total = ckpt.layout.world_size
     if against:
         from reshard.convert import make_plan
         from reshard.sources import open_source
 
         plan = make_plan(open_source(against), ckpt.layout, ckpt.manifest.dtype)
-        # Sizes and own headers first: a missing or cut file stops here. Then the tensors are
-        # compared while the sha256s (started before the imports) finish, not after them.
-        found = list(check_files(ckpt, hash=False))
+        # Sizes and own headers first: a missing or cut file stops here.
+        checks = found = list(check_files(ckpt, hash=False))
         if all(f.ok for f in found):
-            checks = itertools.chain(check_against(ckpt, plan), checks)
-        else:
-            checks = iter(found)
-        total += len(ckpt.params)
+            checks = check_against(ckpt, plan)
+            total += len(ckpt.params)
+    else:
+        checks = check_files(ckpt)
     failures = 0
     for finding in tqdm(checks, total=total, desc="verify", disable=not _progress(quiet)):
         if not finding.ok:

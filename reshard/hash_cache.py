@@ -19,6 +19,7 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+from reshard.file_blocks import file_blocks
 from reshard.machine import cache_root, default_workers
 
 
@@ -50,11 +51,11 @@ def _save(cache: dict) -> None:
         pass  # a read-only cache only costs time
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+def sha256_file(path: Path) -> str:
+    """sha256 of the file, read once (reshard.file_blocks: from the page cache, or direct)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
+    for block in file_blocks(path):
+        digest.update(block)
     return digest.hexdigest()
 
 
@@ -98,6 +99,8 @@ def prefetch(paths: list[Path], *, cached: bool = True) -> None:
                 if not jobs:
                     return
                 path, future = jobs.pop(0)
+            if not future.set_running_or_notify_cancel():
+                continue  # claimed by a caller that reads the file itself (`take_prefetched`)
             try:
                 future.set_result(sha256_file(path))
             except BaseException as e:  # the caller that takes it re-raises it
@@ -107,10 +110,19 @@ def prefetch(paths: list[Path], *, cached: bool = True) -> None:
         threading.Thread(target=hash_jobs, daemon=True).start()
 
 
-def sha256_of(path: Path) -> str:
-    """sha256 of `path`: the result of a `prefetch` of the file as it is now, else read now."""
+def take_prefetched(path: Path) -> Future[str] | None:
+    """The `prefetch` of `path` as it is now, if it has started (or finished). One still queued
+    is dropped, so a caller that reads the file anyway can hash it then, in the same read."""
     with _started_lock:
         future = _started.pop(_key(path), None)
+    if future is None or future.cancel():
+        return None
+    return future
+
+
+def sha256_of(path: Path) -> str:
+    """sha256 of `path`: the result of a `prefetch` of the file as it is now, else read now."""
+    future = take_prefetched(path)
     return future.result() if future is not None else sha256_file(path)
 
 

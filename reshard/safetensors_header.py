@@ -165,7 +165,7 @@ def _tensor(name: str, entry: object) -> TensorInfo:
     if any(s > _INT64_MAX for s in shape):
         # safetensors accepts a zero-size tensor with such a dim, but torch cannot make it.
         raise _Bad(f"tensor {shown(name)}: shape {shown(shape)} has a dim beyond torch's int64")
-    nbytes = torch.empty((), dtype=SAFETENSORS_DTYPES[dtype]).element_size()
+    nbytes = SAFETENSORS_DTYPES[dtype].itemsize
     for s in shape:  # in order, overflowing as safetensors' checked product does
         nbytes *= s
         if nbytes > _USIZE_MAX:

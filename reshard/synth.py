@@ -356,10 +356,7 @@ def hf_tensors(config: dict, dtype: torch.dtype) -> dict[str, tuple[int, ...]]:
 
 def synth_bytes(config: dict, dtype: torch.dtype) -> int:
     """Bytes of tensor data `write_synth` writes for `config`."""
-    return sum(
-        torch.empty((), dtype=d).element_size() * math.prod(s)
-        for s, d in hf_tensor_dtypes(config, dtype).values()
-    )
+    return sum(d.itemsize * math.prod(s) for s, d in hf_tensor_dtypes(config, dtype).values())
 
 
 def preset(like: str, layers: int | None = None) -> tuple[dict, str]:

@@ -1,15 +1,19 @@
 """`reshard verify`: re-hash every rank file and, against a source, compare every tensor bit for bit.
 
-Both stream: a rank file is hashed in chunks, and each rank's local tensor is
-compared chunk by chunk with the same bytes read from the source through the
-lazy tensors' `read` (the simple path, not the file spans `convert` copies),
-so memory stays a few chunks per thread whatever the model's size. Rank files
-are checked in parallel threads (hashlib, `preadv` and torch release the GIL).
+Both stream. Against a source, each rank file is read once, in order (reshard.file_blocks:
+from the page cache where it is there, else with direct I/O): every byte is hashed, and each
+tensor's bytes are compared as they come with the same bytes read from the source through the
+lazy tensors' `read` (the simple path, not the file spans `convert` copies). So memory stays
+a few blocks and chunks per thread whatever the model's size, and a checkpoint just written
+(with direct I/O, so not in the page cache) is read from the disk once, not once to hash and
+once to compare. Rank files are checked in parallel threads (hashlib, `preadv` and torch
+release the GIL).
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,10 +24,11 @@ from reshard.checkpoint import ShardedCheckpoint
 from reshard.converters.lazy import DTYPE_NAMES, SliceReader, selection_chunks
 from reshard.engine import CHUNK
 from reshard.errors import CheckpointError, ReshardError
+from reshard.file_blocks import file_blocks
+from reshard.hash_cache import take_prefetched
 from reshard.machine import default_workers
 from reshard.placements import selection_shape
 from reshard.safetensors_header import read_header
-from reshard.writer import tensor_bytes
 
 
 @dataclass
@@ -51,29 +56,43 @@ def check_files(
 
 
 def check_against(ckpt: ShardedCheckpoint, plan, workers: int | None = None) -> Iterator[Finding]:
-    """One finding per parameter: every rank's local tensor equals the source's bytes at the
+    """One finding per rank, in rank order, as its files are read: their sha256s against the
+    manifest. Then one per parameter: every rank's local tensor equals the source's bytes at the
     selection the manifest gives that rank (so replicas agree and the pieces cover the tensor).
 
-    Every (parameter, rank) comparison is queued at once, so the threads never wait for a
-    parameter's slowest rank; findings still come in parameter order."""
-    world = ckpt.layout.world_size
-    offsets = _data_offsets(ckpt)
+    Check the files' sizes and own headers first (`check_files(hash=False)`): this reads
+    what they say. Every file is queued at once; stopped early (Ctrl-C, a failure), the
+    queued ones are dropped."""
+    compared = {
+        name
+        for name, p in ckpt.params.items()
+        if name in plan.params
+        and (p.dtype, p.shape) == (plan.params[name].dtype, plan.params[name].shape)
+    }
     reader = SliceReader()
     pool = cf.ThreadPoolExecutor(workers or default_workers())
     try:
-        jobs = {}
-        for name, p in ckpt.params.items():
-            want = plan.params.get(name)
-            if want is not None and (p.dtype, p.shape) == (want.dtype, want.shape):
-                jobs[name] = [
-                    pool.submit(_compare_rank, ckpt, plan, name, rank, offsets, reader)
-                    for rank in range(world)
-                ]
+        jobs = [
+            [
+                (path, entry, pool.submit(_check_file, ckpt, plan, rank, path, compared, reader))
+                for path, entry in ckpt.rank_files(rank)
+            ]
+            for rank in range(ckpt.layout.world_size)
+        ]
+        differs: dict[str, str] = {}  # the first rank found differing, in rank order
+        for rank, files in enumerate(jobs):
+            bad = None
+            for path, entry, job in files:
+                digest, problems = job.result()
+                for name, problem in problems.items():
+                    differs.setdefault(name, problem)
+                if bad is None and digest != entry.sha256:
+                    bad = f"{path}: sha256 does not match the manifest (corrupt or replaced file)"
+            yield Finding(bad is None, bad or f"{ckpt.rank_path(rank).name}: sha256 ok")
         for name, p in ckpt.params.items():
             if name not in plan.params:
                 yield Finding(False, f"{name}: not a parameter of the source")
-                continue
-            if name not in jobs:
+            elif name not in compared:
                 want = plan.params[name]
                 yield Finding(
                     False,
@@ -81,49 +100,118 @@ def check_against(ckpt: ShardedCheckpoint, plan, workers: int | None = None) -> 
                     f"{DTYPE_NAMES[want.dtype]} {list(want.shape)} from the source: "
                     "differs from the source",
                 )
-                continue
-            problems = [problem for job in jobs[name] if (problem := job.result())]
-            if problems:
-                yield Finding(False, problems[0])
+            elif name in differs:
+                yield Finding(False, differs[name])
             else:
                 yield Finding(True, f"{name}: {list(p.shape)} bit-exact")
     finally:
         pool.shutdown(wait=True, cancel_futures=True)  # stopped early: drop the queued work
 
 
-def _data_offsets(ckpt: ShardedCheckpoint) -> dict[tuple[int, str], tuple[Path, int, tuple]]:
-    """(rank, tensor) -> (file, offset of its data, local shape), from each file's own header."""
-    out = {}
-    for rank in range(ckpt.layout.world_size):
-        for path, _ in ckpt.rank_files(rank):
-            header = read_header(path, error=CheckpointError)
-            for name, info in header.tensors.items():
-                out[rank, name] = (path, header.data_start + info.start, info.shape)
-    return out
+def _check_file(
+    ckpt: ShardedCheckpoint,
+    plan,
+    rank: int,
+    path: Path,
+    compared: set[str],
+    reader: SliceReader,
+) -> tuple[str, dict[str, str]]:
+    """(sha256 of the file, {tensor: why it differs from the source}), from one read of it (the
+    hash from a `prefetch` of the file instead, where one has started)."""
+    header = read_header(path, error=CheckpointError)
+    problems = {}
+    prefetched = take_prefetched(path)
+    data = _HashedBytes(path, hash=prefetched is None)
+    try:
+        for name, info in sorted(header.tensors.items(), key=lambda item: item[1].start):
+            if name not in compared:
+                continue  # reported by name; its bytes are only hashed
+            data.skip_to(header.data_start + info.start)
+            if problem := _compare(ckpt, plan, name, rank, path, info.shape, data, reader):
+                problems[name] = problem
+        return prefetched.result() if prefetched is not None else data.finish(), problems
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from e
+    finally:
+        data.close()
 
 
-def _compare_rank(
+def _compare(
     ckpt: ShardedCheckpoint,
     plan,
     name: str,
     rank: int,
-    offsets: dict,
+    path: Path,
+    shape: tuple[int, ...],
+    data: _HashedBytes,
     reader: SliceReader,
 ) -> str | None:
-    """None if rank `rank`'s copy of `name` equals the source at its selection, else why not."""
+    """None if the tensor's bytes, next in `data`, equal the source at the rank's selection."""
     selection = ckpt.selection(name, rank)
-    path, offset, shape = offsets[rank, name]
     if tuple(shape) != selection_shape(selection):
         want = list(selection_shape(selection))
         return f"{name}: {path.name} holds {list(shape)}, the manifest's selection is {want}"
     for expected in selection_chunks(plan.targets[name], selection, CHUNK):
         flat = expected.contiguous().view(-1).view(torch.uint8)  # bits: NaN == NaN, -0.0 != 0.0
-        actual = torch.empty_like(flat)
-        reader.read_into(str(path), offset, tensor_bytes(actual), f"tensor {name}")
-        if not same_bytes(flat, actual):
-            return f"{name}: rank {rank} ({path.name}) differs from the source"
-        offset += flat.numel()
+        at = 0
+        for piece in data.take(flat.numel()):
+            if not same_bytes(
+                flat[at : at + len(piece)], torch.frombuffer(piece, dtype=torch.uint8)
+            ):
+                return f"{name}: rank {rank} ({path.name}) differs from the source"
+            at += len(piece)
     return None
+
+
+class _HashedBytes:
+    """A file's bytes, taken in order, each hashed (with `hash`): a block is hashed in a thread
+    of its own while the caller compares it, and before the next is taken (file_blocks then
+    reuses its buffer)."""
+
+    def __init__(self, path: Path, *, hash: bool = True):
+        self.path = path
+        self.blocks = file_blocks(path)
+        self.digest = hashlib.sha256()
+        self.hasher = cf.ThreadPoolExecutor(1, thread_name_prefix="reshard-hash") if hash else None
+        self.hashing: cf.Future | None = None
+        self.block = memoryview(b"")
+        self.at = 0  # in the block
+        self.offset = 0  # in the file, of the next byte to take
+
+    def _next_block(self) -> bool:
+        if self.hashing is not None:
+            self.hashing.result()
+        self.block, self.at = next(self.blocks, memoryview(b"")), 0
+        if not self.block:
+            return False
+        if self.hasher is not None:
+            self.hashing = self.hasher.submit(self.digest.update, self.block)
+        return True
+
+    def take(self, nbytes: int) -> Iterator[memoryview]:
+        """The next `nbytes` bytes, as one or more views (valid until the next is taken)."""
+        while nbytes:
+            if self.at == len(self.block) and not self._next_block():
+                raise OSError(f"the file ends at byte {self.offset:,}")
+            n = min(nbytes, len(self.block) - self.at)
+            piece = self.block[self.at : self.at + n]
+            self.at, self.offset, nbytes = self.at + n, self.offset + n, nbytes - n
+            yield piece
+
+    def skip_to(self, offset: int) -> None:
+        for _ in self.take(offset - self.offset):
+            pass
+
+    def finish(self) -> str:
+        """The file's sha256, once every byte left is read (and hashed)."""
+        while self._next_block():
+            pass
+        return self.digest.hexdigest()
+
+    def close(self) -> None:
+        self.blocks.close()
+        if self.hasher is not None:
+            self.hasher.shutdown()
 
 
 def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:

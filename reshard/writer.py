@@ -31,7 +31,7 @@ TMP_SUFFIX = ".tmp"
 
 def nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
     """Bytes of a tensor of this dtype and shape."""
-    n = torch.empty((), dtype=dtype).element_size()
+    n = dtype.itemsize
     for s in shape:
         n *= s
     return n

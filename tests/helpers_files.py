@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 
@@ -56,3 +57,13 @@ def edit_rank_tensor(out: Path, rank: int, name: str, edit) -> None:
     path.write_bytes(bytes(data))
     manifest["ranks"][rank]["sha256"] = hashlib.sha256(bytes(data)).hexdigest()
     (out / "reshard.json").write_text(json.dumps(manifest))
+
+
+def evict(path: Path) -> None:
+    """Drop the file's pages from the page cache, as after `convert` writes it (direct I/O)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # dirty pages cannot be dropped
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
