@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+import gc
 import os
 import signal
 import sys
@@ -886,6 +888,10 @@ def main() -> None:
     # SIGTERM unwinds like Ctrl-C, so `finally` blocks remove temp files and stop workers.
     signal.signal(signal.SIGINT, _on_stop_signal)
     signal.signal(signal.SIGTERM, _on_stop_signal)
+    # At exit the interpreter garbage-collects every object torch made at import: 0.7 s on the
+    # 2-core VM after each command, 0.2 s with them frozen out of collection first (the last
+    # exit handler to run, as it is the first registered). Other handlers and finalizers run.
+    atexit.register(gc.freeze)
     if not os.environ.get("RESHARD_DEBUG"):
         # huggingface_hub logs each retry as a warning; the outcome is our one line.
         from huggingface_hub.utils import logging as hf_logging
