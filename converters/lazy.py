@@ -143,7 +143,9 @@ def deferred_read(tensor: LazyTensor, box: Box) -> Computed:
 # What `LazyTensor.segments` yields: bytes to copy from a file, or bytes torch computes.
 Segment = FileSpan | Computed
 
-# Covering reads of column slices kept for the other TP ranks (bytes, least recently used out).
+# Covering reads of column slices kept for the other TP ranks (bytes): each is dropped once
+# every rank has taken its slice; past this, the least recently used. The conversion engine,
+# which reads for many ranks at once, keeps more (reshard.engine.SHARED_SPANS).
 SPAN_CACHE = 16 << 20
 
 # A contiguous run of a box shorter than this is read with its neighbours by `read` (one
@@ -161,6 +163,7 @@ class SliceReader:
     """
 
     bytes_read: dict[str, int] = field(default_factory=dict)
+    span_cache: int = SPAN_CACHE  # bytes of covering reads kept for other ranks
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _offsets: dict[str, dict[str, int]] = field(default_factory=dict, repr=False)
     _spans: OrderedDict = field(default_factory=OrderedDict, repr=False)
@@ -213,30 +216,40 @@ class SliceReader:
             return span.view(shape)
         # A column slice: the TP ranks written at the same time each need other columns of
         # the same rows. The covering read is widened to whole rows (of the last dim), so it
-        # is the same read for every rank, shared through a small cache.
+        # is the same read for every rank, shared through a small cache: as many ranks as
+        # there are slices of this width in a row will ask for it.
         row = tensor.shape[-1]
         start, end = first - first % row, last + row - last % row
-        span = self._covering(path, name, tensor.offset + start * item, end - start, tensor.dtype)
+        takers = max(1, row // shape[-1])
+        span = self._covering(
+            path, name, tensor.offset + start * item, end - start, tensor.dtype, takers
+        )
         return span.as_strided(shape, strides, first - start).contiguous()
 
     def _covering(
-        self, path: str, name: str, offset: int, count: int, dtype: torch.dtype
+        self, path: str, name: str, offset: int, count: int, dtype: torch.dtype, takers: int
     ) -> torch.Tensor:
         """`count` elements from `offset`, read once for every thread that asks while they are
-        cached or being read: a rank asking for rows another rank is reading waits for them."""
+        cached or being read: a rank asking for rows another rank is reading waits for them.
+        Kept until `takers` have asked, or, past `span_cache` bytes, the least recently used
+        goes (a rank that asks later reads them again)."""
         key = (path, offset, count)
         nbytes = count * dtype.itemsize
         future: Future | None = None
         with self._lock:
             entry = self._spans.get(key)
             if entry is not None:
-                self._spans.move_to_end(key)
-            elif nbytes <= SPAN_CACHE // 4:
+                entry[2] -= 1
+                if entry[2] == 0:  # the last rank that needs them
+                    self._cached -= self._spans.pop(key)[1]
+                else:
+                    self._spans.move_to_end(key)
+            elif takers > 1 and nbytes <= self.span_cache // 4:
                 future = Future()
-                self._spans[key] = (future, nbytes)
+                self._spans[key] = [future, nbytes, takers - 1]
                 self._cached += nbytes
-                while self._cached > SPAN_CACHE:  # least recently used out
-                    _, (_, dropped) = self._spans.popitem(last=False)
+                while self._cached > self.span_cache:  # least recently used out
+                    _, (_, dropped, _) = self._spans.popitem(last=False)
                     self._cached -= dropped
         if entry is not None:
             return entry[0].result()

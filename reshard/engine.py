@@ -16,8 +16,9 @@ too. That lets the work split three ways and overlap:
 - one thread per file hashes the blocks in file order as they are filled
   (sha256 cannot be split), so the file's hash comes from the writer, never
   from reading the file back;
-- several files are written at once (ranks that read the same source regions
-  read them while their pages are hot).
+- up to MAX_FILES files are written at once, whatever the number of cores: the TP ranks of
+  a column slice read the same source rows, and read together they share one read of them
+  (converters/lazy.py); two at a time, tp8 read its down_proj rows 7 times over.
 
 Torch ops, `preadv`/`pwrite` and hashlib release the GIL, so the threads run
 in parallel. Memory is bounded by WINDOW + 1 blocks per file being written.
@@ -53,6 +54,10 @@ CHUNK = 4 << 20
 BLOCK = 2 << 20
 WINDOW = 4
 MAX_FILES = 8  # files written at once at most: each holds WINDOW + 1 blocks
+# Bytes of covering reads of column slices the reader keeps while MAX_FILES ranks take their
+# slices of them: the files written at once drift apart by tens of experts, and with 16 MB
+# tp8 read its down_proj rows 7 times over on the 2-core VM, with 128 MB once.
+SHARED_SPANS = 128 << 20
 # Direct I/O wants file offsets, lengths and buffer addresses aligned to the device's logical
 # block (512 B or 4 KiB); blocks are page-aligned anonymous maps, BLOCK is a multiple of this.
 ALIGN = 4096
@@ -89,13 +94,14 @@ def write_files(
 ) -> Iterator[tuple[FileJob, Written]]:
     """Write `jobs`, yielding each as it finishes; the first failure stops every other file.
 
-    Up to `workers` files (at most MAX_FILES) are written at once, each with its own
-    hashing thread; the `workers` I/O threads are shared between them.
+    Up to MAX_FILES files are written at once, each with its own hashing thread; the
+    `workers` I/O threads are shared between them.
     """
     if not jobs:
         return
+    reader.span_cache = max(reader.span_cache, SHARED_SPANS)
     stop = threading.Event()
-    files_at_once = min(len(jobs), workers, MAX_FILES)
+    files_at_once = min(len(jobs), MAX_FILES)
     io = cf.ThreadPoolExecutor(workers, thread_name_prefix="reshard-io")
     files = cf.ThreadPoolExecutor(files_at_once, thread_name_prefix="reshard-file")
     lock = threading.Lock()

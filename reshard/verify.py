@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from reshard.checkpoint import ShardedCheckpoint
-from reshard.converters.lazy import DTYPE_NAMES, SliceReader, selection_chunks
+from reshard.converters.lazy import DTYPE_NAMES, selection_chunks
 from reshard.engine import CHUNK
 from reshard.errors import CheckpointError, ReshardError
 from reshard.file_blocks import file_blocks
@@ -69,12 +69,11 @@ def check_against(ckpt: ShardedCheckpoint, plan, workers: int | None = None) -> 
         if name in plan.params
         and (p.dtype, p.shape) == (plan.params[name].dtype, plan.params[name].shape)
     }
-    reader = SliceReader()
     pool = cf.ThreadPoolExecutor(workers or default_workers())
     try:
         jobs = [
             [
-                (path, entry, pool.submit(_check_file, ckpt, plan, rank, path, compared, reader))
+                (path, entry, pool.submit(_check_file, ckpt, plan, rank, path, compared))
                 for path, entry in ckpt.rank_files(rank)
             ]
             for rank in range(ckpt.layout.world_size)
@@ -114,7 +113,6 @@ def _check_file(
     rank: int,
     path: Path,
     compared: set[str],
-    reader: SliceReader,
 ) -> tuple[str, dict[str, str]]:
     """(sha256 of the file, {tensor: why it differs from the source}), from one read of it (the
     hash from a `prefetch` of the file instead, where one has started)."""
@@ -127,7 +125,7 @@ def _check_file(
             if name not in compared:
                 continue  # reported by name; its bytes are only hashed
             data.skip_to(header.data_start + info.start)
-            if problem := _compare(ckpt, plan, name, rank, path, info.shape, data, reader):
+            if problem := _compare(ckpt, plan, name, rank, path, info.shape, data):
                 problems[name] = problem
         return prefetched.result() if prefetched is not None else data.finish(), problems
     except OSError as e:
@@ -144,7 +142,6 @@ def _compare(
     path: Path,
     shape: tuple[int, ...],
     data: _HashedBytes,
-    reader: SliceReader,
 ) -> str | None:
     """None if the tensor's bytes, next in `data`, equal the source at the rank's selection."""
     selection = ckpt.selection(name, rank)

@@ -259,6 +259,27 @@ def test_workers_2_writes_the_same_bytes_as_workers_1(out, tmp_path):
     assert_same_rank_files(out2, out)
 
 
+def test_one_worker_still_writes_the_tp_ranks_together(out, tmp_path, monkeypatch):
+    """The TP ranks of a column slice share one read of its rows only while they are written
+    at the same time, so files are written MAX_FILES at once whatever --workers says (the
+    number of I/O threads): before, one worker wrote one file at a time."""
+    import reshard.engine as engine
+
+    started, together = [], threading.Barrier(4, timeout=30)
+    real = engine._write_file
+
+    def write_file(job, *args):
+        started.append(job.path.name)
+        together.wait()  # breaks (BrokenBarrierError) unless all four files are in flight
+        return real(job, *args)
+
+    monkeypatch.setattr(engine, "_write_file", write_file)
+    out1 = tmp_path / "w1"
+    run("convert", "--src", "tiny:qwen3_moe", "--layout", "ep2tp2", "--out", out1, "--workers", 1)
+    assert len(started) == 4
+    assert_same_rank_files(out1, out)
+
+
 def _refuse_direct_io(monkeypatch, at: str) -> None:
     """A file system without direct I/O: EINVAL at open (tmpfs) or only at the first write."""
     import errno

@@ -669,3 +669,37 @@ def test_column_slices_of_every_tp_rank_share_one_read_of_their_rows(tmp_path, m
         got = list(pool.map(tensor.read, boxes))
     assert torch.equal(torch.cat(got, dim=-1), w_EHI[2:3])
     assert reads == [16 * 64 * 4]  # the seven others waited for the first one's read
+
+
+def test_a_covering_read_is_kept_until_every_rank_has_its_slice(tmp_path):
+    """Kept for the ranks that still need the rows, dropped after the last one: the cache
+    holds what is being shared, not every expert's rows."""
+    from safetensors.torch import save_file
+
+    from reshard.converters.lazy import SliceReader, SourceTensor
+
+    w_EHI = torch.randn(4, 16, 64)
+    path = tmp_path / "m.safetensors"
+    save_file({"w": w_EHI}, str(path))
+    reader = SliceReader()
+    tensor = SourceTensor(str(path), "w", (4, 16, 64), torch.float32, reader)
+    for rank in range(8):
+        got = tensor.read(((1, 2), (0, 16), (rank * 8, rank * 8 + 8)))
+        assert torch.equal(got, w_EHI[1:2, :, rank * 8 : rank * 8 + 8])
+        assert reader._cached == (16 * 64 * 4 if rank < 7 else 0), rank
+    # Past span_cache the least recently used goes: a rank asking later reads again.
+    w_EHI = torch.randn(8, 16, 64)
+    save_file({"w": w_EHI}, str(path))
+    rows = 16 * 64 * 4
+    reader, reads = SliceReader(span_cache=4 * rows), []
+    read_into = reader.read_into
+    reader.read_into = lambda *a: (reads.append(a[1]), read_into(*a))[1]
+    tensor = SourceTensor(str(path), "w", (8, 16, 64), torch.float32, reader)
+    for expert in range(8):  # rank 0's slice of every expert: 7 ranks still to come for each
+        tensor.read(((expert, expert + 1), (0, 16), (0, 8)))
+        assert reader._cached == min(expert + 1, 4) * rows
+    start = tensor._locate()
+    for expert in (7, 0):  # rank 1: expert 7's rows are still kept, expert 0's were dropped
+        got = tensor.read(((expert, expert + 1), (0, 16), (8, 16)))
+        assert torch.equal(got, w_EHI[expert : expert + 1, :, 8:16])
+    assert reads[8:] == [start + 0 * rows]
