@@ -90,8 +90,9 @@ def cli() -> None:
     "--workers",
     type=click.IntRange(min=1),
     default=None,
-    help="Threads reading and writing (default: one per core); as many rank files as this, "
-    "at most 8, are written at once, each hashed by its own thread.",
+    help="Threads reading and writing (default: one per core). Up to 8 rank files are written "
+    "at once whatever this says, each hashed by its own thread, so the TP ranks of a column "
+    "slice share one read of its rows.",
 )
 @click.option(
     "--overwrite",
