@@ -29,11 +29,11 @@ in parallel. Memory is bounded by WINDOW + 1 blocks per file being written.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import ctypes
 import errno
 import hashlib
 import mmap
 import os
-import sys
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -44,6 +44,7 @@ import torch
 
 from reshard.converters.lazy import Computed, FileSpan, Segment, SliceReader
 from reshard.errors import OutputError
+from reshard.machine import linux_libc
 from reshard.writer import nbytes, output_error, safetensors_header, temp_name, tensor_bytes
 
 # Bytes per segment at most (boxes are cut to this size): 4 MB kept the 2-core VM at its
@@ -319,20 +320,9 @@ def _start_writeback(fd: int, offset: int, nbytes: int) -> None:
         _sync_file_range(fd, offset, nbytes, 2)  # SYNC_FILE_RANGE_WRITE: start, do not wait
 
 
-def _load_sync_file_range():
-    if not sys.platform.startswith("linux"):
-        return None
-    import ctypes
-
-    try:
-        f = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return None
-    f.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    return f
-
-
-_sync_file_range = _load_sync_file_range()
+_sync_file_range = linux_libc("sync_file_range")
+if _sync_file_range is not None:
+    _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
 
 
 def _pwrite_all(fd: int, data: bytes | memoryview, offset: int, path: Path, size: int) -> None:

@@ -24,11 +24,12 @@ import ctypes
 import errno
 import mmap
 import os
-import sys
 import threading
 from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
+
+from reshard.machine import linux_libc
 
 BLOCK = 2 << 20
 AHEAD = 4  # reads in flight: with one direct read at a time, the disk idled between them
@@ -155,18 +156,9 @@ class _Stat(ctypes.Structure):
 _CACHESTAT = 451  # the same number on every Linux architecture (added in 6.5)
 
 
-def _load_syscall():
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        f = ctypes.CDLL(None, use_errno=True).syscall
-    except (OSError, AttributeError):
-        return None
-    f.restype = ctypes.c_long
-    return f
-
-
-_syscall = _load_syscall()
+_syscall = linux_libc("syscall")
+if _syscall is not None:
+    _syscall.restype = ctypes.c_long
 
 
 def _cached_pages(fd: int, start: int, nbytes: int) -> int | None:

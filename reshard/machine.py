@@ -7,6 +7,7 @@ busy core), to start work that does not need torch, such as hashing a source.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 
@@ -20,3 +21,15 @@ def cache_root() -> Path:
 def default_workers() -> int:
     """I/O threads: one per core the process may run on."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def linux_libc(name: str):
+    """The C library's function `name` (ctypes, errno kept), on Linux; else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        return getattr(ctypes.CDLL(None, use_errno=True), name)
+    except (OSError, AttributeError):
+        return None
