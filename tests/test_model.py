@@ -474,10 +474,14 @@ def test_logits_from_gives_the_same_last_logits_and_only_those():
     full_BTV = model(ids_BT)
     last_B1V = model(ids_BT, logits_from=6)
     assert last_B1V.shape == (2, 1, args.vocab_size)
-    torch.testing.assert_close(last_B1V, full_BTV[:, -1:], rtol=0, atol=0)
+    # float32's tolerances, not bit equality: the BLAS picks its kernel by the number of rows,
+    # and on an AVX-512 CPU 2 rows and 14 round differently (4.8e-7 apart). The logits of
+    # another position differ by orders of magnitude more.
+    torch.testing.assert_close(last_B1V, full_BTV[:, -1:])
+    assert not torch.allclose(last_B1V, full_BTV[:, -2:-1])
     cache = KVCache(max_seq_len=16)
     step_B1V = model(ids_BT, 0, cache, logits_from=6)
-    torch.testing.assert_close(step_B1V, full_BTV[:, -1:], rtol=0, atol=0)
+    torch.testing.assert_close(step_B1V, full_BTV[:, -1:])
 
 
 def test_generate_stops_one_step_after_every_row_has_finished():
