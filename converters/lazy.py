@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from reshard.errors import SourceError
+from reshard.file_blocks import pread_exactly
 from reshard.placements import (
     Selection,
     boxes,
@@ -266,16 +267,6 @@ class SliceReader:
         if future is not None:
             future.set_result(span)
         return span
-
-
-def pread_exactly(fd: int, buffer: memoryview, offset: int) -> None:
-    """Fill `buffer` with the bytes of `fd` from `offset`; OSError if the file ends first."""
-    done = 0
-    while done < len(buffer):
-        n = os.preadv(fd, [buffer[done:]], offset + done)
-        if n == 0:
-            raise OSError(f"the file ends at byte {offset + done:,}")
-        done += n
 
 
 def row_major_strides(shape: Sequence[int]) -> list[int]:

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from reshard.converters.lazy import pread_exactly
 from reshard.errors import CheckpointError
+from reshard.file_blocks import pread_exactly
 from reshard.safetensors_header import Header
 from reshard.writer import tensor_bytes
 

@@ -44,6 +44,7 @@ import torch
 
 from reshard.converters.lazy import Computed, FileSpan, Segment, SliceReader
 from reshard.errors import OutputError
+from reshard.file_blocks import ALIGN
 from reshard.machine import linux_libc
 from reshard.writer import nbytes, output_error, safetensors_header, temp_name, tensor_bytes
 
@@ -59,9 +60,7 @@ MAX_FILES = 8  # files written at once at most: each holds WINDOW + 1 blocks
 # slices of them: the files written at once drift apart by tens of experts, and with 16 MB
 # tp8 read its down_proj rows 7 times over on the 2-core VM, with 128 MB once.
 SHARED_SPANS = 128 << 20
-# Direct I/O wants file offsets, lengths and buffer addresses aligned to the device's logical
-# block (512 B or 4 KiB); blocks are page-aligned anonymous maps, BLOCK is a multiple of this.
-ALIGN = 4096
+# Blocks are page-aligned anonymous maps, BLOCK a multiple of ALIGN, as direct I/O wants.
 DIRECT_IO = hasattr(os, "O_DIRECT")  # Linux; tests turn it off to cover the buffered writes
 
 

@@ -62,7 +62,7 @@ def file_blocks(path: Path, *, block: int = BLOCK, ahead: int = AHEAD) -> Iterat
 
         k = 0
         while k < len(starts) and reader.cached(starts[k], len(view(k))):
-            _read_exactly(fd, view(k), starts[k])
+            pread_exactly(fd, view(k), starts[k])
             yield view(k)
             k += 1
         if k == len(starts):
@@ -122,7 +122,7 @@ class _Reader:
                 if e.errno != errno.EINVAL:  # EINVAL: took O_DIRECT at open, not at read
                     raise
                 self.ask = False
-        _read_exactly(self.fd, view, start)
+        pread_exactly(self.fd, view, start)
         return view
 
     def _direct_fd(self) -> int | None:
@@ -194,10 +194,11 @@ def _read_direct(fd: int, view: memoryview, start: int) -> None:
         raise OSError(errno.EIO, f"the file ends at byte {start + done:,}")
 
 
-def _read_exactly(fd: int, view: memoryview, start: int) -> None:
+def pread_exactly(fd: int, buffer: memoryview, offset: int) -> None:
+    """Fill `buffer` with the bytes of `fd` from `offset`; OSError if the file ends first."""
     done = 0
-    while done < len(view):
-        n = os.preadv(fd, [view[done:]], start + done)
+    while done < len(buffer):
+        n = os.preadv(fd, [buffer[done:]], offset + done)
         if n == 0:
-            raise OSError(errno.EIO, f"the file ends at byte {start + done:,}")
+            raise OSError(errno.EIO, f"the file ends at byte {offset + done:,}")
         done += n
