@@ -108,7 +108,10 @@ class ShardedCheckpoint:
                     f"{path}: {size} bytes, manifest says {entry.bytes} (truncated?)"
                 )
             if hash:
-                digest = cached_sha256([path])[path] if recorded else sha256_of(path)
+                try:
+                    digest = cached_sha256([path])[path] if recorded else sha256_of(path)
+                except OSError as e:
+                    raise CheckpointError(f"{path}: cannot hash it ({e.strerror})") from e
                 if digest != entry.sha256:
                     raise CheckpointError(
                         f"{path}: sha256 does not match the manifest (corrupt or replaced file)"

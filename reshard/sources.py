@@ -77,7 +77,10 @@ class Source:
             from reshard.hash_cache import cached_sha256
 
             blobs = {f: _blob_sha256(f) for f in self.files}
-            hashed = cached_sha256([f for f, sha in blobs.items() if sha is None])
+            try:
+                hashed = cached_sha256([f for f, sha in blobs.items() if sha is None])
+            except OSError as e:
+                raise SourceError(f"{e.filename}: cannot hash it ({e.strerror})") from e
             self._hashes = {f.name: blobs[f] or hashed[f] for f in self.files}
         return self._hashes
 

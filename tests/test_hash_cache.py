@@ -1,0 +1,143 @@
+"""sha256 of large files (reshard.hash_cache): a file the page cache holds is hashed mapped, in a
+child process; any other is read (reshard.file_blocks). Both give hashlib's digest, and a file
+cut while it is hashed is an error that names it, never short data or a crash."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from helpers_files import evict
+
+import reshard.hash_cache as hc
+from reshard.errors import SourceError
+from reshard.file_blocks import _cached_pages
+
+WINDOW = 4096  # the smallest window mmap takes: every size below crosses windows
+
+
+def _kernel_can_tell(path: Path) -> bool:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return _cached_pages(fd, 0, 4096) is not None
+    finally:
+        os.close(fd)
+
+
+def _mapped_calls(monkeypatch) -> list[Path]:
+    calls, real = [], hc._sha256_mapped
+
+    def counted(path, size, window=hc.MAPPED_WINDOW):
+        calls.append(Path(path))
+        return real(path, size, WINDOW)
+
+    monkeypatch.setattr(hc, "_sha256_mapped", counted)
+    monkeypatch.setattr(hc, "MAPPED_FROM", 0)
+    return calls
+
+
+@pytest.mark.parametrize("size", [0, 1, 4095, 4096, 4097, 3 * 4096 + 5])
+def test_the_mapped_hash_is_the_files_sha256(tmp_path, size):
+    data = os.urandom(size)
+    path = tmp_path / "f.bin"
+    path.write_bytes(data)
+    assert hc._sha256_mapped(path, size, WINDOW) == hashlib.sha256(data).hexdigest()
+
+
+def test_a_cached_file_is_hashed_mapped_and_an_evicted_one_read(tmp_path, monkeypatch):
+    data = os.urandom(7 * 4096 + 3)
+    path = tmp_path / "f.bin"
+    path.write_bytes(data)
+    calls = _mapped_calls(monkeypatch)
+    with open(path, "rb") as f:
+        f.read()  # cached whole
+    assert hc.sha256_file(path) == hashlib.sha256(data).hexdigest()
+    assert calls == [path]
+    calls.clear()
+    evict(path)
+    assert hc.sha256_file(path) == hashlib.sha256(data).hexdigest()
+    # Where the kernel cannot say what it caches, every file counts as cached, as elsewhere.
+    assert calls == ([] if _kernel_can_tell(path) else [path])
+
+
+def test_a_small_file_is_read_not_mapped(tmp_path, monkeypatch):
+    path = tmp_path / "f.bin"
+    path.write_bytes(os.urandom(1000))
+    calls = _mapped_calls(monkeypatch)
+    monkeypatch.setattr(hc, "MAPPED_FROM", 1001)
+    assert hc.sha256_file(path) == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert calls == []
+
+
+def test_a_file_cut_before_it_is_mapped_is_an_error_naming_it(tmp_path):
+    path = tmp_path / "f.bin"
+    path.write_bytes(os.urandom(3 * 4096))
+    os.truncate(path, 4096 + 10)
+    with pytest.raises(OSError, match="cut short") as e:
+        hc._sha256_mapped(path, 3 * 4096, WINDOW)
+    assert e.value.filename == str(path)
+
+
+def _child_mapping(path: Path) -> bool:
+    """Whether a process other than this one has `path` mapped."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        if int(pid) == os.getpid():
+            continue
+        try:
+            if str(path) in Path(f"/proc/{pid}/maps").read_text():
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def test_a_file_cut_while_mapped_kills_the_child_not_the_command(tmp_path):
+    """The SIGBUS a truncated mapping raises: in this process it would end the command with no
+    message; the child takes it, and the command gets an error naming the file."""
+    path = tmp_path / "sparse.bin"
+    size = 2 << 30  # a hole: hashing its zeros takes a second or more, no disk used
+    with open(path, "wb") as f:
+        f.truncate(size)
+    got: list[BaseException | str] = []
+
+    def hash_it() -> None:
+        try:
+            got.append(hc._sha256_mapped(path, size, size))  # one window: mapped once
+        except BaseException as e:
+            got.append(e)
+
+    thread = threading.Thread(target=hash_it)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not _child_mapping(path) and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    os.truncate(path, 0)
+    thread.join()
+    assert len(got) == 1 and isinstance(got[0], OSError), got
+    assert got[0].filename == str(path) and "cut short" in got[0].strerror
+
+
+def test_a_source_cut_while_hashed_is_a_source_error_naming_the_file(
+    tiny_dir, tmp_path, monkeypatch
+):
+    from reshard.sources import open_source
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_dir, src)
+    source = open_source(str(src))
+    victim = source.files[0]
+    _mapped_calls(monkeypatch)
+
+    def cut_then_say_cached(path: Path) -> bool:  # the file changes after its size was taken
+        if Path(path) == victim:
+            os.truncate(path, 100)
+        return True
+
+    monkeypatch.setattr(hc, "in_page_cache", cut_then_say_cached)
+    with pytest.raises(SourceError, match=rf"{victim}: cannot hash it \(cut short"):
+        source.file_hashes()
