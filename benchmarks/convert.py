@@ -19,8 +19,9 @@ given with --src), in one run, round-robin so machine noise hits every row alike
 For each: median wall time, bytes written, GB/s, the ratio to cp per byte written
 ((t / bytes) / (t_cp / bytes_cp); verify per byte of the checkpoint it reads, a no-op per
 source byte), and peak RSS (the command's own, see
-convert_memory.py). The page cache is warm after the first round, as in the issue's
-figures; `--drop-caches` (root) drops it before every command instead.
+convert_memory.py). Every row starts with the source in the page cache (read, untimed, before
+it), as in the issue's figures; `--drop-caches` (root) drops the cache before every command
+instead.
 
 `--sizes 1,2,4 --plot convert.png` instead measures cp, reshard and the naive script
 (first layout only) on synth checkpoints of 1, 2 and 4 layers and plots time against
@@ -64,10 +65,22 @@ def drop_caches() -> None:
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
-def run_row(name: str, cmd: list[str], out: Path | None, drop: bool) -> dict:
+def warm(src: Path) -> None:
+    """Read the source into the page cache (untimed). The naive script's 6-12 GB of memory
+    evicts part of it, and the row after it would otherwise start colder than the others:
+    every first-conversion row followed one, and paid 2-4 s for it on the 2-core VM."""
+    buffer = bytearray(16 << 20)
+    for f in sorted(p for p in src.rglob("*") if p.is_file()):
+        with open(f, "rb", buffering=0) as file:
+            while file.readinto(buffer):
+                pass
+
+
+def run_row(name: str, cmd: list[str], out: Path | None, drop: bool, src: Path) -> dict:
     if drop:
         drop_caches()
     else:
+        warm(src)
         sync()  # the last row's deletions too: this row's sync times its own writes only
     if name.startswith("reshard "):  # a first conversion: no source hash remembered
         cache = Path(os.environ["RESHARD_CACHE"])
@@ -104,7 +117,7 @@ def rounds(
                 continue
             out, cmd = make()
             print(f"round {r + 1}/{n}: {name}", file=sys.stderr, flush=True)
-            results.append(run_row(name, cmd, out, drop))
+            results.append(run_row(name, cmd, out, drop, src))
             if name.startswith(("cp", "naive")) or name.endswith(HUB_ROW):
                 shutil.rmtree(out, ignore_errors=True)
     return results
@@ -285,14 +298,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, default=2, help="layers of the synth Qwen3-30B-A3B")
     p.add_argument("--layouts", default="tp4-tp2ep,ep4tp4,tp8")
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--work", type=Path, help="scratch directory on the disk to measure")
+    p.add_argument(
+        "--work",
+        type=Path,
+        help="parent of the scratch directory (removed at the end), on the disk to measure",
+    )
     p.add_argument("--drop-caches", action="store_true", help="cold page cache (needs root)")
     p.add_argument("--json", type=Path, help="also write the rows here")
     p.add_argument("--sizes", help="layer counts to sweep, e.g. 1,2,4 (cp, reshard, naive)")
     p.add_argument("--plot", type=Path, help="with --sizes: write the PNG here")
     args = p.parse_args(argv)
-    work = args.work or Path(tempfile.mkdtemp(prefix="reshard-bench-"))
-    work.mkdir(parents=True, exist_ok=True)
+    if args.work:
+        args.work.mkdir(parents=True, exist_ok=True)
+    # Everything a run writes (copies, conversions, a synth source: tens of GB) goes under a
+    # directory of its own, removed at the end, on --work's disk or the temp directory's.
+    work = Path(tempfile.mkdtemp(prefix="reshard-bench-", dir=args.work))
+    try:
+        return _run(args, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _run(args: argparse.Namespace, work: Path) -> int:
     layouts = args.layouts.split(",")
     if args.sizes:
         points = sweep(

@@ -141,3 +141,32 @@ def test_a_source_cut_while_hashed_is_a_source_error_naming_the_file(
     monkeypatch.setattr(hc, "in_page_cache", cut_then_say_cached)
     with pytest.raises(SourceError, match=rf"{victim}: cannot hash it \(cut short"):
         source.file_hashes()
+
+
+@pytest.mark.parametrize("cores", [1, 2, 3])
+def test_prefetch_leaves_a_core_to_the_command(tmp_path, monkeypatch, cores):
+    """Hashing beside `import torch` on every core slowed the import (and the conversion) on
+    two cores: one core is left to the command, but one file is always hashed."""
+    files = []
+    for k in range(4):
+        files.append(tmp_path / f"{k}.bin")
+        files[-1].write_bytes(os.urandom(1000 + k))
+    running, peak, lock = [0], [0], threading.Lock()
+    real = hc.sha256_file
+
+    def counted(path: Path) -> str:
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.1)  # long enough for every hashing thread to have started one
+        with lock:
+            running[0] -= 1
+        return real(path)
+
+    monkeypatch.setattr(hc, "sha256_file", counted)
+    monkeypatch.setattr(hc, "default_workers", lambda: cores)
+    hc.prefetch(files, cached=False)
+    # Waited for, not taken: taking a queued one hashes it in this thread instead.
+    futures = [hc._started[hc._key(f)] for f in files]
+    assert [future.result() for future in futures] == [real(f) for f in files]
+    assert peak[0] == max(1, cores - 1)
