@@ -74,7 +74,7 @@ def sha256_file(path: Path) -> str:
 # A file the page cache holds is hashed where it lies: mapped, a window at a time, so its bytes
 # are never copied. On the 2-core VM, hashing a cached 2.2 GB file took 1.3 s of CPU mapped and
 # 1.8 s read (0.5 s of it the kernel's copy); a first conversion of a 6.2 GB source, CPU-bound
-# there, went from 7.7-8.7 s to 6.9-7.3 s (docs/benchmarks.md). It runs in a child process:
+# there, took 6.9-7.7 s against 7.3-10.0 s (docs/benchmarks.md). It runs in a child process:
 # a file cut while it is mapped is a SIGBUS, which would kill the command itself; here it
 # kills the child, and the command says which file changed. Below MAPPED_FROM, starting the
 # child (about 0.05 s) costs more than the copy saves.
