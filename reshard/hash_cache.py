@@ -82,10 +82,12 @@ MAPPED_FROM = 64 << 20
 MAPPED_WINDOW = 64 << 20  # bytes mapped at a time: what the child holds resident at most
 _MAPPED_SHA256 = """
 import hashlib, mmap, os, sys
-path, size, window = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+path, size, window, parent = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 fd = os.open(path, os.O_RDONLY)
 digest = hashlib.sha256()
 for at in range(0, size, window):
+    if os.getppid() != parent:
+        sys.exit("the command that asked has exited")
     with mmap.mmap(fd, min(window, size - at), prot=mmap.PROT_READ, offset=at) as view:
         digest.update(view)
 print(digest.hexdigest())
@@ -96,7 +98,8 @@ def _sha256_mapped(path: Path, size: int, window: int = MAPPED_WINDOW) -> str:
     """sha256 of the file's first `size` bytes, computed by a child process that maps them."""
     # -I -S: the standard library only, whatever the environment or the working directory.
     cmd = [sys.executable, "-I", "-S", "-c", _MAPPED_SHA256, os.fspath(path), str(size)]
-    done = subprocess.run([*cmd, str(window)], capture_output=True, text=True)
+    # The pid: a command that ends first (an error, Ctrl-C) leaves no hash running after it.
+    done = subprocess.run([*cmd, str(window), str(os.getpid())], capture_output=True, text=True)
     if done.returncode == 0:
         return done.stdout.strip()
     if done.returncode == -signal.SIGBUS or "greater than file size" in done.stderr:

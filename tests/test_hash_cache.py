@@ -170,3 +170,41 @@ def test_prefetch_leaves_a_core_to_the_command(tmp_path, monkeypatch, cores):
     futures = [hc._started[hc._key(f)] for f in files]
     assert [future.result() for future in futures] == [real(f) for f in files]
     assert peak[0] == max(1, cores - 1)
+
+
+def _hashing(path: Path) -> list[int]:
+    """Pids of the processes whose command line names `path`."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if str(path).encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                pids.append(int(pid))
+        except OSError:
+            continue
+    return pids
+
+
+def test_a_hash_stops_when_the_command_that_asked_has_exited(tmp_path):
+    """A command that fails early exits with its prefetched hashes still running: their child
+    processes stop at their next window instead of hashing gigabytes for no one."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "sparse.bin"
+    size = 8 << 30  # a hole: seconds of hashing, no disk used
+    with open(path, "wb") as f:
+        f.truncate(size)
+    command = """
+import os, sys, threading, time
+from pathlib import Path
+import reshard.hash_cache as hc
+args = (Path(sys.argv[1]), int(sys.argv[2]), 16 << 20)
+threading.Thread(target=hc._sha256_mapped, args=args, daemon=True).start()
+time.sleep(0.5)
+os._exit(0)
+"""
+    subprocess.run([sys.executable, "-c", command, str(path), str(size)], check=True)
+    deadline = time.monotonic() + 2  # hashing all of it takes longer on any machine
+    while _hashing(path) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert _hashing(path) == []
