@@ -97,9 +97,10 @@ print(digest.hexdigest())
 def _sha256_mapped(path: Path, size: int, window: int = MAPPED_WINDOW) -> str:
     """sha256 of the file's first `size` bytes, computed by a child process that maps them."""
     # -I -S: the standard library only, whatever the environment or the working directory.
-    cmd = [sys.executable, "-I", "-S", "-c", _MAPPED_SHA256, os.fspath(path), str(size)]
-    # The pid: a command that ends first (an error, Ctrl-C) leaves no hash running after it.
-    done = subprocess.run([*cmd, str(window), str(os.getpid())], capture_output=True, text=True)
+    # Our pid: a command that ends first (an error, Ctrl-C) leaves no hash running after it.
+    args = [os.fspath(path), str(size), str(window), str(os.getpid())]
+    cmd = [sys.executable, "-I", "-S", "-c", _MAPPED_SHA256, *args]
+    done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode == 0:
         return done.stdout.strip()
     if done.returncode == -signal.SIGBUS or "greater than file size" in done.stderr:

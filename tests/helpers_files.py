@@ -67,3 +67,15 @@ def evict(path: Path) -> None:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
+
+
+def kernel_says_what_it_caches(path: Path) -> bool:
+    """Whether this kernel answers `cachestat` for `path` (Linux 6.5+): where it cannot,
+    reshard.file_blocks counts every file as cached."""
+    from reshard.file_blocks import _cached_pages
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return _cached_pages(fd, 0, 4096) is not None
+    finally:
+        os.close(fd)

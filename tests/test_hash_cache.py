@@ -12,21 +12,12 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers_files import evict
+from helpers_files import evict, kernel_says_what_it_caches
 
 import reshard.hash_cache as hc
 from reshard.errors import SourceError
-from reshard.file_blocks import _cached_pages
 
 WINDOW = 4096  # the smallest window mmap takes: every size below crosses windows
-
-
-def _kernel_can_tell(path: Path) -> bool:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return _cached_pages(fd, 0, 4096) is not None
-    finally:
-        os.close(fd)
 
 
 def _mapped_calls(monkeypatch) -> list[Path]:
@@ -62,7 +53,7 @@ def test_a_cached_file_is_hashed_mapped_and_an_evicted_one_read(tmp_path, monkey
     evict(path)
     assert hc.sha256_file(path) == hashlib.sha256(data).hexdigest()
     # Where the kernel cannot say what it caches, every file counts as cached, as elsewhere.
-    assert calls == ([] if _kernel_can_tell(path) else [path])
+    assert calls == ([] if kernel_says_what_it_caches(path) else [path])
 
 
 def test_a_small_file_is_read_not_mapped(tmp_path, monkeypatch):
@@ -83,17 +74,19 @@ def test_a_file_cut_before_it_is_mapped_is_an_error_naming_it(tmp_path):
     assert e.value.filename == str(path)
 
 
-def _child_mapping(path: Path) -> bool:
-    """Whether a process other than this one has `path` mapped."""
+def _processes_naming(path: Path, proc_file: str) -> list[int]:
+    """Pids of the other processes whose /proc/<pid>/<proc_file> (maps: what they have mapped;
+    cmdline: their arguments) names `path`."""
+    pids = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         if int(pid) == os.getpid():
             continue
         try:
-            if str(path) in Path(f"/proc/{pid}/maps").read_text():
-                return True
+            if str(path).encode() in Path(f"/proc/{pid}/{proc_file}").read_bytes():
+                pids.append(int(pid))
         except OSError:
             continue
-    return False
+    return pids
 
 
 def test_a_file_cut_while_mapped_kills_the_child_not_the_command(tmp_path):
@@ -114,7 +107,7 @@ def test_a_file_cut_while_mapped_kills_the_child_not_the_command(tmp_path):
     thread = threading.Thread(target=hash_it)
     thread.start()
     deadline = time.monotonic() + 30
-    while not _child_mapping(path) and thread.is_alive() and time.monotonic() < deadline:
+    while not _processes_naming(path, "maps") and thread.is_alive() and time.monotonic() < deadline:
         time.sleep(0.005)
     os.truncate(path, 0)
     thread.join()
@@ -172,18 +165,6 @@ def test_prefetch_leaves_a_core_to_the_command(tmp_path, monkeypatch, cores):
     assert peak[0] == max(1, cores - 1)
 
 
-def _hashing(path: Path) -> list[int]:
-    """Pids of the processes whose command line names `path`."""
-    pids = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            if str(path).encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
-                pids.append(int(pid))
-        except OSError:
-            continue
-    return pids
-
-
 def test_a_hash_stops_when_the_command_that_asked_has_exited(tmp_path):
     """A command that fails early exits with its prefetched hashes still running: their child
     processes stop at their next window instead of hashing gigabytes for no one."""
@@ -205,6 +186,6 @@ os._exit(0)
 """
     subprocess.run([sys.executable, "-c", command, str(path), str(size)], check=True)
     deadline = time.monotonic() + 2  # hashing all of it takes longer on any machine
-    while _hashing(path) and time.monotonic() < deadline:
+    while _processes_naming(path, "cmdline") and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert _hashing(path) == []
+    assert _processes_naming(path, "cmdline") == []
