@@ -308,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", help="layer counts to sweep, e.g. 1,2,4 (cp, reshard, naive)")
     p.add_argument("--plot", type=Path, help="with --sizes: write the PNG here")
     args = p.parse_args(argv)
+    if args.src and not (args.src / "config.json").is_file():
+        p.error(f"--src {args.src}: not a checkpoint directory (no config.json)")
     if args.work:
         args.work.mkdir(parents=True, exist_ok=True)
     # Everything a run writes (copies, conversions, a synth source: tens of GB) goes under a
