@@ -50,7 +50,9 @@ def _save(cache: dict) -> None:
 
     try:
         _cache_file().parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(_cache_file(), json.dumps(cache))
+        # Not durable: a cache lost in a crash is hashed again (`_load` takes a damaged one
+        # as empty), and its fsync stalled the rank files' writes mid-conversion.
+        atomic_write_text(_cache_file(), json.dumps(cache), durable=False)
     except OSError:
         pass  # a read-only cache only costs time
 

@@ -85,24 +85,32 @@ def temp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}{TMP_SUFFIX}")
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str, *, durable: bool = True) -> None:
     """Write a small file so that readers see the old content or the new one, never a torn one."""
-    atomic_write_bytes(path, text.encode())
+    atomic_write_bytes(path, text.encode(), durable=durable)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """`atomic_write_text` for bytes: temp file, fsync, rename, fsync of the directory."""
+def atomic_write_bytes(path: Path, data: bytes, *, durable: bool = True) -> None:
+    """`atomic_write_text` for bytes: temp file, fsync, rename, fsync of the directory.
+
+    `durable=False` leaves out both fsyncs, for a cache that may be lost in a crash (its
+    reader must take a damaged file as an empty one): an fsync flushes the whole disk's write
+    cache, and on a VM whose host caches the disk, one in the middle of a conversion stalled
+    every rank file's writes for 1.5 s (docs/benchmarks.md, tenth session).
+    """
     tmp = temp_name(path)
     try:
         with open(tmp, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise output_error(path, e, len(data)) from e
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
 
 
 def output_error(path: Path, e: OSError, needed: int) -> OutputError:

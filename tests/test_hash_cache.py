@@ -189,3 +189,47 @@ os._exit(0)
     while _processes_naming(path, "cmdline") and time.monotonic() < deadline:
         time.sleep(0.02)
     assert _processes_naming(path, "cmdline") == []
+
+
+def _fsynced(monkeypatch) -> list[str]:
+    """The paths of the descriptors given to os.fsync from now on."""
+    paths, real = [], os.fsync
+
+    def recorded(fd):
+        paths.append(os.readlink(f"/proc/self/fd/{fd if isinstance(fd, int) else fd.fileno()}"))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", recorded)
+    return paths
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names descriptors through /proc")
+def test_the_cache_is_saved_without_an_fsync_and_outputs_with_one(tmp_path, monkeypatch):
+    """An fsync flushes the whole disk's write cache: the hash cache, which may be lost, is not
+    synced (mid-conversion it stalled every rank file's writes); a file that must survive is."""
+    from reshard.writer import atomic_write_text
+
+    monkeypatch.setenv("RESHARD_CACHE", str(tmp_path / "cache"))
+    data = tmp_path / "data.bin"
+    data.write_bytes(os.urandom(5000))
+    fsynced = _fsynced(monkeypatch)
+    hc.remember({data: hashlib.sha256(data.read_bytes()).hexdigest()})
+    assert hc.cached_sha256([data]) == {data: hashlib.sha256(data.read_bytes()).hexdigest()}
+    assert (tmp_path / "cache" / "hashes.json").exists()
+    assert fsynced == []
+    atomic_write_text(tmp_path / "manifest.json", "{}")
+    assert any(p.endswith(".tmp") for p in fsynced) and str(tmp_path) in fsynced
+
+
+@pytest.mark.parametrize("damage", [b"\0" * 4096, b'{"truncated": ', b"\xff\xfe"])
+def test_a_cache_damaged_by_a_crash_is_taken_as_empty(tmp_path, monkeypatch, damage):
+    """What a crash can leave of an unsynced cache (zeros, a cut): the files are hashed again
+    and the cache rewritten whole."""
+    monkeypatch.setenv("RESHARD_CACHE", str(tmp_path / "cache"))
+    data = tmp_path / "data.bin"
+    data.write_bytes(os.urandom(5000))
+    want = hashlib.sha256(data.read_bytes()).hexdigest()
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "hashes.json").write_bytes(damage)
+    assert hc.cached_sha256([data]) == {data: want}
+    assert hc._cached(hc._load(), data) == want

@@ -1,0 +1,81 @@
+"""benchmarks/timeline.py sees a command's start, its writing and its tail, and its children's CPU.
+
+The commands here are small Python programs whose phases are known: they sleep, write
+and spin for set times. Oracles: the sizes written (os.stat) and the wall clock.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from helpers_cli import load_benchmark
+
+if not sys.platform.startswith("linux"):
+    pytest.skip("timeline.py reads Linux's /proc", allow_module_level=True)
+
+timeline = load_benchmark("timeline")
+
+MiB = 1 << 20
+
+
+def program(body: str) -> list[str]:
+    return [sys.executable, "-c", textwrap.dedent(body)]
+
+
+def test_phases_of_a_command_that_waits_writes_and_waits(tmp_path):
+    watch = tmp_path / "out"
+    command = program(f"""
+        import os, time
+        time.sleep(1.0)
+        os.makedirs({str(watch)!r})
+        with open({str(watch / "a")!r}, "wb") as f:
+            for _ in range(4):
+                f.write(os.urandom({2 * MiB}))
+                f.flush()
+                os.fsync(f.fileno())
+                time.sleep(0.3)
+        time.sleep(1.0)
+        with open({str(watch / "manifest")!r}, "w") as f:  # small, last: still the tail
+            f.write("{{}}")
+        """)
+    samples, status, wall = timeline.sample(command, watch, 0.1)
+    assert status == 0
+    assert samples[-1].written >= 8 * MiB
+    start, writing, tail = timeline.phases(samples, wall)
+    assert [start[0], writing[0], tail[0]] == ["start", "writing", "tail"]
+    assert 0.8 <= start[1] <= 2.5, start  # the first sleep (and the interpreter's start)
+    assert 0.6 <= writing[1] <= 2.5, writing  # four writes 0.3 s apart
+    assert 0.7 <= tail[1] <= 2.5, tail  # the last sleep
+    assert writing[4] >= 8 * MiB and writing[3] > 0
+    assert start[1] + writing[1] + tail[1] == pytest.approx(wall)
+
+
+def test_a_childs_cpu_is_counted(tmp_path):
+    """A busy child process (as the mapped hash is) shows as about one busy core."""
+    child = "import time; end = time.time() + 1.5\nwhile time.time() < end: pass"
+    command = program(f"""
+        import subprocess, sys
+        subprocess.run([sys.executable, "-c", {child!r}], check=True)
+        """)
+    samples, status, _ = timeline.sample(command, tmp_path / "none", 0.2)
+    assert status == 0
+    assert max(s.cores for s in samples) > 0.6, [round(s.cores, 2) for s in samples]
+
+
+def test_an_idle_command_uses_no_core(tmp_path):
+    samples, status, _ = timeline.sample(
+        program("import time; time.sleep(1.2)"), tmp_path / "none", 0.2
+    )
+    assert status == 0
+    assert max(s.cores for s in samples[1:]) < 0.3, [round(s.cores, 2) for s in samples]
+
+
+def test_no_command_is_a_usage_error(tmp_path):
+    script = timeline.__file__
+    result = subprocess.run(
+        [sys.executable, script, "--watch", str(tmp_path)], capture_output=True, text=True
+    )
+    assert result.returncode == 2 and "give the command after --" in result.stderr
