@@ -129,8 +129,13 @@ def main() -> None:
         parser.error("give the command after --")
     if not Path("/proc/self/stat").exists():
         parser.error("needs Linux's /proc")
+    if args.every <= 0:
+        parser.error(f"--every must be more than 0 seconds, not {args.every}")
 
-    samples, status, wall = sample(command, args.watch, args.every)
+    try:
+        samples, status, wall = sample(command, args.watch, args.every)
+    except OSError as e:  # no such command, not executable
+        parser.error(f"cannot run {command[0]}: {e.strerror or e}")
     print("| s | cores | GB written |")
     print("| --- | --- | --- |")
     for s in samples:

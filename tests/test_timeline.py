@@ -73,9 +73,19 @@ def test_an_idle_command_uses_no_core(tmp_path):
     assert max(s.cores for s in samples[1:]) < 0.3, [round(s.cores, 2) for s in samples]
 
 
-def test_no_command_is_a_usage_error(tmp_path):
-    script = timeline.__file__
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([], "give the command after --"),
+        (["--every", "0", "--", "true"], "--every must be more than 0 seconds"),
+        (["--", "/nonexistent/command"], "cannot run /nonexistent/command"),
+    ],
+)
+def test_bad_arguments_are_one_usage_error(tmp_path, args, message):
     result = subprocess.run(
-        [sys.executable, script, "--watch", str(tmp_path)], capture_output=True, text=True
+        [sys.executable, timeline.__file__, "--watch", str(tmp_path), *args],
+        capture_output=True,
+        text=True,
     )
-    assert result.returncode == 2 and "give the command after --" in result.stderr
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
