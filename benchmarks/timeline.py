@@ -38,25 +38,35 @@ class Sample:
 
 
 def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds of a live process (None once it has gone)."""
+    """CPU seconds of a live process and of the children it has reaped (None once it has gone).
+
+    A child's CPU moves into its parent's cutime/cstime when the parent waits for it, so the
+    command's own figure plus that of its live descendants counts every process once, including
+    the CPU a child spent between its last sample and its exit.
+    """
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return None
-    return (int(fields[11]) + int(fields[12])) / TICK
+    # Fields 14-17 of proc(5), counted from the state (field 3): utime, stime, cutime, cstime.
+    return sum(int(f) for f in fields[11:15]) / TICK
 
 
-def children(pid: int) -> list[int]:
-    """The processes whose parent is `pid`."""
-    found = []
+def descendants(pid: int) -> list[int]:
+    """The live processes below `pid`: its children, theirs, and so on."""
+    parents: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 stat = Path(f"/proc/{entry}/stat").read_text()
             except OSError:
                 continue
-            if stat.rsplit(")", 1)[1].split()[1] == str(pid):
-                found.append(int(entry))
+            parents.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        below = parents.get(todo.pop(), [])
+        found += below
+        todo += below
     return found
 
 
@@ -76,27 +86,34 @@ def sample(command: list[str], watch: Path, every: float) -> tuple[list[Sample],
     """Run `command`; return its samples, exit status and wall seconds."""
     start = time.monotonic()
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
-    cpu: dict[int, float] = {}  # the last CPU figure of every process seen (gone ones keep theirs)
     samples, used = [], 0.0
     while process.poll() is None:
         time.sleep(every)
-        for pid in [process.pid, *children(process.pid)]:
-            seconds = cpu_seconds(pid)
-            if seconds is not None:
-                cpu[pid] = seconds
+        figures = [cpu_seconds(pid) for pid in [process.pid, *descendants(process.pid)]]
+        # A child reaped between the listing and its read is already in its parent's figure,
+        # or will be by the next sample: the total never runs backwards.
+        total = max(used, sum(f for f in figures if f is not None))
         now = time.monotonic() - start
-        total = sum(cpu.values())
         last = samples[-1].t if samples else 0.0
         samples.append(Sample(now, (total - used) / max(now - last, 1e-9), allocated(watch)))
         used = total
     return samples, process.returncode, time.monotonic() - start
 
 
-def phases(samples: list[Sample], wall: float) -> list[tuple[str, float, float, float, int]]:
-    """(phase, seconds, mean cores, GB/s, bytes) for start, writing and tail."""
+@dataclass
+class Phase:
+    phase: str  # start, writing or tail
+    s: float  # wall seconds
+    cores: float  # mean cores busy
+    gb_per_s: float  # bytes written in the phase per second, in GB
+    bytes: int  # bytes under --watch at the phase's end (writing only; 0 for the others)
+
+
+def phases(samples: list[Sample], wall: float) -> list[Phase]:
+    """The start, writing and tail phases of a sampled command (only start if it wrote nothing)."""
     first = next((i for i, s in enumerate(samples) if s.written > 0), None)
     if first is None:
-        return [("start", wall, _mean_cores(samples), 0.0, 0)]
+        return [Phase("start", wall, _mean_cores(samples), 0.0, 0)]
     final = samples[-1].written
     # The end of the writing: 99% of the bytes, so the small files written last (a manifest,
     # a model card) do not move it past the wait for the disk.
@@ -108,7 +125,7 @@ def phases(samples: list[Sample], wall: float) -> list[tuple[str, float, float, 
         ("writing", end - begin, _mean_cores(samples[first : last + 1]), samples[last].written),
         ("tail", wall - end, _mean_cores(samples[last + 1 :]), 0),
     ]
-    return [(p, s, c, b / s / 1e9 if s > 0 else 0.0, b) for p, s, c, b in table]
+    return [Phase(p, s, c, b / s / 1e9 if s > 0 else 0.0, b) for p, s, c, b in table]
 
 
 def _mean_cores(samples: list[Sample]) -> float:
@@ -144,8 +161,8 @@ def main() -> None:
     print("| phase | s | mean cores | GB/s |")
     print("| --- | --- | --- | --- |")
     table = phases(samples, wall)
-    for name, seconds, cores, rate, _ in table:
-        print(f"| {name} | {seconds:.1f} | {cores:.2f} | {rate:.2f} |")
+    for p in table:
+        print(f"| {p.phase} | {p.s:.1f} | {p.cores:.2f} | {p.gb_per_s:.2f} |")
     print(f"\nexit {status}, {wall:.1f} s")
     if args.json:
         record = {
@@ -153,7 +170,7 @@ def main() -> None:
             "exit": status,
             "wall_s": wall,
             "samples": [asdict(s) for s in samples],
-            "phases": [dict(zip(("phase", "s", "cores", "gb_per_s", "bytes"), p)) for p in table],
+            "phases": [asdict(p) for p in table],
         }
         args.json.write_text(json.dumps(record, indent=1))
     sys.exit(status)

@@ -45,12 +45,12 @@ def test_phases_of_a_command_that_waits_writes_and_waits(tmp_path):
     assert status == 0
     assert samples[-1].written >= 8 * MiB
     start, writing, tail = timeline.phases(samples, wall)
-    assert [start[0], writing[0], tail[0]] == ["start", "writing", "tail"]
-    assert 0.8 <= start[1] <= 2.5, start  # the first sleep (and the interpreter's start)
-    assert 0.6 <= writing[1] <= 2.5, writing  # four writes 0.3 s apart
-    assert 0.7 <= tail[1] <= 2.5, tail  # the last sleep
-    assert writing[4] >= 8 * MiB and writing[3] > 0
-    assert start[1] + writing[1] + tail[1] == pytest.approx(wall)
+    assert [start.phase, writing.phase, tail.phase] == ["start", "writing", "tail"]
+    assert 0.8 <= start.s <= 2.5, start  # the first sleep (and the interpreter's start)
+    assert 0.6 <= writing.s <= 2.5, writing  # four writes 0.3 s apart
+    assert 0.7 <= tail.s <= 2.5, tail  # the last sleep
+    assert writing.bytes >= 8 * MiB and writing.gb_per_s > 0
+    assert start.s + writing.s + tail.s == pytest.approx(wall)
 
 
 def test_a_childs_cpu_is_counted(tmp_path):
@@ -63,6 +63,24 @@ def test_a_childs_cpu_is_counted(tmp_path):
     samples, status, _ = timeline.sample(command, tmp_path / "none", 0.2)
     assert status == 0
     assert max(s.cores for s in samples) > 0.6, [round(s.cores, 2) for s in samples]
+
+
+def test_short_children_between_samples_are_counted_in_full(tmp_path):
+    """Children that start and exit between two samples still add their CPU (the parent's
+    cutime), so the samples add up to the CPU the command used, not to what was seen alive."""
+    child = "import time; end = time.process_time() + 0.3\nwhile time.process_time() < end: pass"
+    command = program(f"""
+        import subprocess, sys, time
+        time.sleep(0.2)
+        for _ in range(4):
+            subprocess.run([sys.executable, "-c", {child!r}], check=True)
+        time.sleep(1.2)
+        """)
+    samples, status, _ = timeline.sample(command, tmp_path / "none", 1.0)
+    assert status == 0
+    times = [0.0] + [s.t for s in samples]
+    used = sum(s.cores * (t - t0) for s, t0, t in zip(samples, times, times[1:]))
+    assert used >= 1.15, [(round(s.t, 1), round(s.cores, 2)) for s in samples]  # 4 x 0.3 s
 
 
 def test_an_idle_command_uses_no_core(tmp_path):
