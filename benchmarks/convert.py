@@ -23,9 +23,13 @@ convert_memory.py). Every row starts with the source in the page cache (read, un
 it), as in the issue's figures; `--drop-caches` (root) drops the cache before every command
 instead.
 
-`--sizes 1,2,4 --plot convert.png` instead measures cp, reshard and the naive script
-(first layout only) on synth checkpoints of 1, 2 and 4 layers and plots time against
-checkpoint size (needs matplotlib: `pip install matplotlib`).
+`--sizes 2,4,8 --plot convert.png` instead measures cp, a first conversion to each layout
+and the naive script (first layout only, where the machine has the memory it takes: about
+twice the checkpoint) on synth checkpoints of 2, 4 and 8 layers, and plots time against
+checkpoint size (needs matplotlib: `pip install matplotlib`). It also fits each row's times
+to a line, wall = fixed + bytes written / rate, to tell the cost per byte from the cost of
+starting (`import torch`, about 1.5 s on the 2-core VM), which a few layers magnify: the
+per-byte ratio to cp is the slope's, what it tends to on a whole checkpoint.
 """
 
 from __future__ import annotations
@@ -113,12 +117,14 @@ def rounds(
     results = []
     for r in range(n):
         for name, make in _rows(src, work, layouts, hub):
-            if only and not name.startswith(only):
+            if only and name not in only:
                 continue
             out, cmd = make()
             print(f"round {r + 1}/{n}: {name}", file=sys.stderr, flush=True)
             results.append(run_row(name, cmd, out, drop, src))
-            if name.startswith(("cp", "naive")) or name.endswith(HUB_ROW):
+            # A conversion's output stays for the no-op and verify rows after it, if they run.
+            checked_after = not only or any(o.startswith(("no-op", "verify")) for o in only)
+            if not (name.startswith("reshard ") and not name.endswith(HUB_ROW) and checked_after):
                 shutil.rmtree(out, ignore_errors=True)
     return results
 
@@ -254,18 +260,52 @@ def synth(src: Path, layers: int) -> Path:
     return src
 
 
-def sweep(work: Path, sizes: list[int], layout: str, n: int, drop: bool) -> list[dict]:
-    """cp, reshard and naive on synth checkpoints of each size: the points of the plot."""
+def sweep(work: Path, sizes: list[int], layouts: list[str], n: int, drop: bool) -> list[dict]:
+    """cp, reshard to each layout and naive on synth checkpoints of each size: the points of the
+    plot and of the fit."""
     points = []
     for layers in sizes:
         src = synth(work / f"src-{layers}", layers)
-        rows = summarize(
-            rounds(src, work, [layout], n, drop, only=("cp", "reshard", "naive")), dir_bytes(src)
-        )
+        only = ("cp", *(f"reshard {layout}" for layout in layouts))
+        if naive_fits(dir_bytes(src)):
+            only += (f"naive {layouts[0]}",)
+        else:
+            print(f"{layers} layers: no naive row (it holds about twice the checkpoint in memory)")
+        rows = summarize(rounds(src, work, layouts, n, drop, only=only), dir_bytes(src))
         for row in rows:
             points.append({**row, "layers": layers, "source_bytes": dir_bytes(src)})
         shutil.rmtree(src, ignore_errors=True)
     return points
+
+
+def naive_fits(source_bytes: int) -> bool:
+    """Whether the naive script (the whole checkpoint, and a fused copy of its experts, in
+    memory: 11.8 GB of peak RSS for a 6.2 GB source) fits in the memory available."""
+    try:
+        info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+        available = int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return True  # not Linux: let it try
+    return 2.2 * source_bytes < available
+
+
+def per_byte(points: list[dict]) -> list[dict]:
+    """Each row's times fitted to wall = fixed + bytes written x seconds per byte (least
+    squares over the sizes), and that slope as a ratio to cp's."""
+    by_row: dict[str, list[dict]] = {}
+    for q in points:
+        by_row.setdefault(q["row"], []).append(q)
+    fits = {}
+    for row, qs in by_row.items():
+        if len({q["bytes_written"] for q in qs}) < 2:
+            continue  # one size: no line through it
+        fit = statistics.linear_regression(
+            [q["bytes_written"] / GB for q in qs], [q["wall_s"] for q in qs]
+        )
+        fits[row] = {"row": row, "fixed_s": fit.intercept, "s_per_gb": fit.slope}
+    for fit in fits.values():
+        fit["vs_cp_per_byte"] = fit["s_per_gb"] / fits["cp"]["s_per_gb"] if "cp" in fits else None
+    return list(fits.values())
 
 
 def plot(points: list[dict], path: Path, title: str) -> None:
@@ -275,11 +315,13 @@ def plot(points: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for kind, style in (("cp", "k--o"), ("reshard", "C0-o"), ("naive", "C3-s")):
-        mine = [p for p in points if p["row"].split()[0] == kind]
-        label = mine[0]["row"] if mine else kind
+    rows = list(dict.fromkeys(p["row"] for p in points))
+    styles = {"cp": "k--o", "naive": "C3-s"}
+    for k, row in enumerate(rows):
+        mine = [p for p in points if p["row"] == row]
+        style = styles.get(row.split()[0], f"C{[0, 1, 2, 4, 5][k % 5]}-o")
         ax.plot(
-            [p["source_bytes"] / GB for p in mine], [p["wall_s"] for p in mine], style, label=label
+            [p["source_bytes"] / GB for p in mine], [p["wall_s"] for p in mine], style, label=row
         )
     ax.set_xlabel("checkpoint size, GB (synth Qwen3-30B-A3B, 1 layer = 1.2 GB)")
     ax.set_ylabel("wall time, s (median)")
@@ -305,9 +347,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--drop-caches", action="store_true", help="cold page cache (needs root)")
     p.add_argument("--json", type=Path, help="also write the rows here")
-    p.add_argument("--sizes", help="layer counts to sweep, e.g. 1,2,4 (cp, reshard, naive)")
+    p.add_argument("--sizes", help="layer counts to sweep, e.g. 2,4,8 (cp, reshard, naive)")
     p.add_argument("--plot", type=Path, help="with --sizes: write the PNG here")
     args = p.parse_args(argv)
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401 - checked now, not after the whole sweep
+        except ImportError:
+            p.error("--plot needs matplotlib: pip install matplotlib")
     if args.src and not (args.src / "config.json").is_file():
         p.error(f"--src {args.src}: not a checkpoint directory (no config.json)")
     if args.work:
@@ -325,20 +372,28 @@ def _run(args: argparse.Namespace, work: Path) -> int:
     layouts = args.layouts.split(",")
     if args.sizes:
         points = sweep(
-            work, [int(x) for x in args.sizes.split(",")], layouts[0], args.rounds, args.drop_caches
+            work, [int(x) for x in args.sizes.split(",")], layouts, args.rounds, args.drop_caches
         )
-        print(f"{os.cpu_count()} CPUs, {args.rounds} rounds, layout {layouts[0]}")
-        print("| layers | source GB | row | wall s | x cp per byte | peak RSS MB |")
-        print("| --- | --- | --- | --- | --- | --- |")
+        print(f"{os.cpu_count()} CPUs, {args.rounds} rounds")
+        print("| layers | source GB | row | wall s | GB written | x cp per byte | peak RSS MB |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
         for q in points:
             print(
                 f"| {q['layers']} | {q['source_bytes'] / GB:.2f} | {q['row']} | {q['wall_s']:.1f} | "
-                f"{q['vs_cp_per_byte']:.2f} | {q['peak_rss_mb']:,.0f} |"
+                f"{q['bytes_written'] / GB:.2f} | {q['vs_cp_per_byte']:.2f} | "
+                f"{q['peak_rss_mb']:,.0f} |"
             )
+        fits = per_byte(points)
+        print("\nFitted over the sizes: wall = fixed + GB written x s per GB")
+        print("| row | fixed s | s per GB | x cp per byte (slope) |")
+        print("| --- | --- | --- | --- |")
+        for f in fits:
+            ratio = f"{f['vs_cp_per_byte']:.2f}" if f["vs_cp_per_byte"] is not None else "-"
+            print(f"| {f['row']} | {f['fixed_s']:.1f} | {f['s_per_gb']:.2f} | {ratio} |")
         if args.json:
-            args.json.write_text(json.dumps({"points": points}, indent=2))
+            args.json.write_text(json.dumps({"points": points, "fits": fits}, indent=2))
         if args.plot:
-            plot(points, args.plot, f"convert to {layouts[0]}, {os.cpu_count()} CPUs")
+            plot(points, args.plot, f"first conversion against cp, {os.cpu_count()} CPUs")
         return 0
     src = args.src or synth(work / "src", args.layers)
     results = rounds(src, work, layouts, args.rounds, args.drop_caches)

@@ -1,0 +1,69 @@
+"""benchmarks/convert.py's size sweep: the rows it runs, the disk it leaves, and the line it fits.
+
+Oracles: the rows' names and the files left on disk; for the fit, points built on known lines.
+"""
+
+from __future__ import annotations
+
+import pytest
+from helpers_cli import load_benchmark
+
+from reshard.tiny import write_tiny_checkpoint
+
+bench = load_benchmark("convert")
+GB = 1e9
+
+
+def test_a_sweep_runs_exactly_the_rows_asked_and_leaves_no_output(tmp_path, monkeypatch):
+    """Rows are picked by their whole name ("reshard ep2" is not "reshard ep2tp2"), and with no
+    no-op or verify row to check it, every output is removed as soon as it is timed: a sweep
+    at 8 layers would otherwise keep 46 GB of conversions on the disk."""
+    monkeypatch.setenv("RESHARD_CACHE", str(tmp_path / "unused"))
+    src = tmp_path / "src"
+    write_tiny_checkpoint("qwen3_moe", src)
+    work = tmp_path / "work"
+    work.mkdir()
+    only = ("cp", "reshard ep2")
+    results = bench.rounds(src, work, ["ep2", "ep2tp2"], 2, False, only=only)
+    assert [r["row"] for r in results] == ["cp", "reshard ep2"] * 2
+    assert all(r["bytes_written"] > 0 for r in results)
+    assert sorted(p.name for p in work.iterdir()) == ["cache"]  # the hash cache, emptied per row
+
+
+def test_the_full_rounds_keep_a_conversion_for_its_no_op_and_verify_rows(tmp_path, monkeypatch):
+    monkeypatch.setenv("RESHARD_CACHE", str(tmp_path / "unused"))
+    src = tmp_path / "src"
+    write_tiny_checkpoint("qwen3_moe", src)
+    work = tmp_path / "work"
+    work.mkdir()
+    only = ("cp", "reshard ep2", "verify ep2")
+    results = bench.rounds(src, work, ["ep2"], 1, False, only=only)
+    assert [r["row"] for r in results] == ["cp", "reshard ep2", "verify ep2"]
+    assert (work / "reshard-ep2" / "reshard.json").is_file()  # verified, then kept
+
+
+def _points(row: str, fixed: float, s_per_gb: float, sizes: list[float]) -> list[dict]:
+    return [
+        {"row": row, "bytes_written": int(g * GB), "wall_s": fixed + s_per_gb * g} for g in sizes
+    ]
+
+
+def test_the_fit_tells_the_cost_per_byte_from_the_cost_of_starting():
+    """A row with a 2 s start and 1.2x cp's seconds per byte is 1.2x per byte, though on 6.2 GB
+    its time per byte is 1.34x cp's."""
+    points = [
+        *_points("cp", 0.5, 1.5, [3.7, 6.2, 12.4]),
+        *_points("reshard ep4tp4", 2.0, 1.8, [6.2, 10.4, 20.8]),  # writes more bytes than cp
+        *_points("naive tp8", 1.0, 4.0, [3.7]),  # one size only: no line through it
+    ]
+    fits = {f["row"]: f for f in bench.per_byte(points)}
+    assert sorted(fits) == ["cp", "reshard ep4tp4"]
+    assert fits["reshard ep4tp4"]["fixed_s"] == pytest.approx(2.0)
+    assert fits["reshard ep4tp4"]["s_per_gb"] == pytest.approx(1.8)
+    assert fits["reshard ep4tp4"]["vs_cp_per_byte"] == pytest.approx(1.2)
+    assert fits["cp"]["vs_cp_per_byte"] == pytest.approx(1.0)
+
+
+def test_without_cp_there_is_no_ratio():
+    fits = bench.per_byte(_points("reshard tp8", 1.0, 2.0, [1.0, 2.0]))
+    assert fits[0]["s_per_gb"] == pytest.approx(2.0) and fits[0]["vs_cp_per_byte"] is None
