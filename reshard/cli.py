@@ -893,6 +893,15 @@ def main() -> None:
     # 2-core VM after each command, 0.2 s with them frozen out of collection first (the last
     # exit handler to run, as it is the first registered). Other handlers and finalizers run.
     atexit.register(gc.freeze)
+    # tqdm starts a daemon "monitor" thread with its first bar, even a disabled one (--quiet),
+    # and its exit handler wakes that thread without waiting for it. CPython 3.11 frees a
+    # daemon thread's state while finalizing, and one that wakes then crashes the interpreter
+    # (SIGSEGV in take_gil): a `convert` that had written and reported every rank file exited
+    # -11, about once in 40 runs. The monitor only refreshes bars whose loop stalls; ours
+    # advance every few MB.
+    from tqdm import tqdm
+
+    tqdm.monitor_interval = 0
     if not os.environ.get("RESHARD_DEBUG"):
         # huggingface_hub logs each retry as a warning; the outcome is our one line.
         from huggingface_hub.utils import logging as hf_logging

@@ -194,3 +194,31 @@ def test_help_has_examples(command):
     assert result.returncode == 0, result.stderr
     assert "Examples" in result.stdout
     assert "reshard " in result.stdout.split("Examples", 1)[1]
+
+
+def test_no_daemon_thread_outlives_a_command(tmp_path):
+    """A daemon thread woken while the interpreter finalizes crashes CPython 3.11 (SIGSEGV in
+    take_gil, after the command's work is done: a finished `convert` exited -11). tqdm's
+    monitor thread, started by any bar, even a disabled one (--quiet), is woken by tqdm's own
+    exit handler and left to race the finalization. The oracle is the interpreter's own list
+    of threads once the command has returned."""
+    probe = (
+        "import sys, threading\n"
+        "from reshard.cli import main\n"
+        "sys.argv = ['reshard', *sys.argv[1:]]\n"
+        "main()\n"
+        "print('daemon threads:', sorted(t.name for t in threading.enumerate() if t.daemon))\n"
+    )
+    src, out = tmp_path / "src", tmp_path / "out"
+    from reshard.tiny import write_tiny_checkpoint
+
+    write_tiny_checkpoint("qwen3_moe", src)
+    for args in (
+        ["convert", "--src", str(src), "--layout", "ep2tp2", "--out", str(out), "-q"],
+        ["verify", str(out), "--against", str(src), "-q"],
+    ):
+        done = subprocess.run(
+            [sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=300
+        )
+        assert done.returncode == 0, done.stderr
+        assert "daemon threads: []" in done.stdout, (args[0], done.stdout)
