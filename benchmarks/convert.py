@@ -3,7 +3,11 @@
     python benchmarks/convert.py --layers 2 --rounds 2 --json convert.json
 
 On a `reshard synth --like qwen3-30b-a3b` checkpoint of a few layers (written first, or
-given with --src), in one run, round-robin so machine noise hits every row alike:
+given with --src), in one run, in rounds of every row. Each round runs the rows in its own
+shuffled order (a conversion's no-op and verify rows right after it): on a VM whose host
+caches the disk, a row that follows a big write pays for the host's write-back of it (1-2 s
+after a 3.7 GB `cp`), and in a fixed order every first conversion followed one
+(docs/benchmarks.md, twelfth session).
 
 | row             | what runs                                                               |
 | --------------- | ----------------------------------------------------------------------- |
@@ -37,6 +41,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
 import statistics
 import subprocess
@@ -116,7 +121,9 @@ def rounds(
         hub = hub_cache(src, work / "hub")
     results = []
     for r in range(n):
-        for name, make in _rows(src, work, layouts, hub):
+        groups = list(_groups(src, work, layouts, hub))
+        random.Random(r).shuffle(groups)  # seeded: a rerun runs the same orders
+        for name, make in (row for group in groups for row in group):
             if only and name not in only:
                 continue
             out, cmd = make()
@@ -163,7 +170,10 @@ def hub_cache(src: Path, cache: Path) -> str:
     return f"hf:{HUB_REPO}"
 
 
-def _rows(src: Path, work: Path, layouts: list[str], hub: str | None = None):
+def _groups(src: Path, work: Path, layouts: list[str], hub: str | None = None):
+    """The rows, as groups that run in order: a conversion, then its no-op and verify rows;
+    every other row is a group of its own. Each row is (name, make: () -> (out, command))."""
+
     def fresh(path: Path) -> Path:
         shutil.rmtree(path, ignore_errors=True)
         return path
@@ -171,43 +181,44 @@ def _rows(src: Path, work: Path, layouts: list[str], hub: str | None = None):
     def convert(source: str, layout: str, out: Path) -> list[str]:
         return reshard_cmd("convert", "--src", source, "--layout", layout, "--out", str(out), "-q")
 
-    yield "cp", lambda: (fresh(work / "cp"), ["cp", "-r", str(src), str(work / "cp")])
+    yield [("cp", lambda: (fresh(work / "cp"), ["cp", "-r", str(src), str(work / "cp")]))]
     for layout in layouts:
         out = work / f"reshard-{layout}"
-        yield (
-            f"reshard {layout}",
-            lambda out=out, layout=layout: (fresh(out), convert(str(src), layout, out)),
-        )
-        yield (
-            f"no-op {layout}",
-            lambda out=out, layout=layout: (None, convert(str(src), layout, out)),
-        )
-        yield (
-            f"verify {layout}",
-            lambda out=out: (None, reshard_cmd("verify", str(out), "--against", str(src), "-q")),
-        )
-        # After the no-op and verify rows: it empties $RESHARD_CACHE, where they find hashes.
-        if hub is not None:
-            out = work / f"reshard-hub-{layout}"
-            yield (
-                f"reshard {layout}{HUB_ROW}",
-                lambda out=out, layout=layout: (fresh(out), convert(hub, layout, out)),
-            )
-        naive = work / f"naive-{layout}"
-        yield (
-            f"naive {layout}",
-            lambda naive=naive, layout=layout: (
-                fresh(naive),
-                [
-                    sys.executable,
-                    str(HERE / "naive_convert.py"),
-                    str(src),
-                    str(naive),
-                    "--layout",
-                    layout,
-                ],
+        yield [
+            (
+                f"reshard {layout}",
+                lambda out=out, layout=layout: (fresh(out), convert(str(src), layout, out)),
             ),
-        )
+            (
+                f"no-op {layout}",
+                lambda out=out, layout=layout: (None, convert(str(src), layout, out)),
+            ),
+            (
+                f"verify {layout}",
+                lambda out=out: (
+                    None,
+                    reshard_cmd("verify", str(out), "--against", str(src), "-q"),
+                ),
+            ),
+        ]
+        # Not between a conversion and its no-op and verify rows (a group runs whole): it
+        # empties $RESHARD_CACHE, where they find the rank files' hashes.
+        if hub is not None:
+            hub_out = work / f"reshard-hub-{layout}"
+            yield [
+                (
+                    f"reshard {layout}{HUB_ROW}",
+                    lambda out=hub_out, layout=layout: (fresh(out), convert(hub, layout, out)),
+                )
+            ]
+        naive = work / f"naive-{layout}"
+        naive_cmd = [sys.executable, str(HERE / "naive_convert.py"), str(src), str(naive)]
+        yield [
+            (
+                f"naive {layout}",
+                lambda naive=naive, cmd=naive_cmd + ["--layout", layout]: (fresh(naive), cmd),
+            )
+        ]
 
 
 def summarize(results: list[dict], source_bytes: int) -> list[dict]:

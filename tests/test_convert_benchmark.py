@@ -25,7 +25,8 @@ def test_a_sweep_runs_exactly_the_rows_asked_and_leaves_no_output(tmp_path, monk
     work.mkdir()
     only = ("cp", "reshard ep2")
     results = bench.rounds(src, work, ["ep2", "ep2tp2"], 2, False, only=only)
-    assert [r["row"] for r in results] == ["cp", "reshard ep2"] * 2
+    rows = [r["row"] for r in results]
+    assert sorted(rows[:2]) == sorted(rows[2:]) == sorted(only)  # each round, in its own order
     assert all(r["bytes_written"] > 0 for r in results)
     assert sorted(p.name for p in work.iterdir()) == ["cache"]  # the hash cache, emptied per row
 
@@ -40,6 +41,29 @@ def test_the_full_rounds_keep_a_conversion_for_its_no_op_and_verify_rows(tmp_pat
     results = bench.rounds(src, work, ["ep2"], 1, False, only=only)
     assert [r["row"] for r in results] == ["cp", "reshard ep2", "verify ep2"]
     assert (work / "reshard-ep2" / "reshard.json").is_file()  # verified, then kept
+
+
+def test_each_round_shuffles_the_rows_and_a_conversion_is_checked_right_after_it(
+    tmp_path, monkeypatch
+):
+    """In a fixed order every first conversion followed a big write (`cp` or the naive script)
+    and paid for the host's write-back of it on a VM whose host caches the disk. Each round
+    runs every row in its own order; a conversion's no-op and verify rows still come right
+    after it (they check its output and find its hashes in $RESHARD_CACHE)."""
+    ran: list[str] = []
+    monkeypatch.setattr(bench, "run_row", lambda name, *_: ran.append(name) or {"row": name})
+    monkeypatch.setattr(bench, "hub_cache", lambda src, cache: "hf:org/name")
+    monkeypatch.setenv("RESHARD_CACHE", str(tmp_path / "unused"))
+    bench.rounds(tmp_path / "src", tmp_path, ["ep2", "tp2"], 4, False)
+    per_round = [ran[k : k + 11] for k in range(0, len(ran), 11)]  # cp + 5 rows per layout
+    assert len(per_round) == 4 and all(sorted(r) == sorted(per_round[0]) for r in per_round)
+    assert len({tuple(r) for r in per_round}) == 4
+    for order in per_round:
+        for layout in ("ep2", "tp2"):
+            at = order.index(f"reshard {layout}")
+            assert order[at + 1 : at + 3] == [f"no-op {layout}", f"verify {layout}"]
+    before = {(["start", *order])[order.index("reshard ep2")] for order in per_round}
+    assert len(before) > 1  # the row a first conversion follows varies
 
 
 def _points(row: str, fixed: float, s_per_gb: float, sizes: list[float]) -> list[dict]:
