@@ -897,7 +897,7 @@ def main() -> None:
     # and its exit handler wakes that thread without waiting for it. CPython 3.11 frees a
     # daemon thread's state while finalizing, and one that wakes then crashes the interpreter
     # (SIGSEGV in take_gil): a `convert` that had written and reported every rank file exited
-    # -11, about once in 40 runs. The monitor only refreshes bars whose loop stalls; ours
+    # -11, once in about 80 commands. The monitor only refreshes bars whose loop stalls; ours
     # advance every few MB.
     from tqdm import tqdm
 
