@@ -127,8 +127,9 @@ def rounds(
             if only and name not in only:
                 continue
             out, cmd = make()
-            print(f"round {r + 1}/{n}: {name}", file=sys.stderr, flush=True)
+            print(f"round {r + 1}/{n}: {name}", end="", file=sys.stderr, flush=True)
             results.append(run_row(name, cmd, out, drop, src))
+            print(f"  {results[-1]['wall_s']:.1f} s", file=sys.stderr, flush=True)
             # A conversion's output stays for the no-op and verify rows after it, if they run.
             checked_after = not only or any(o.startswith(("no-op", "verify")) for o in only)
             if not (name.startswith("reshard ") and not name.endswith(HUB_ROW) and checked_after):

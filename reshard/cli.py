@@ -159,8 +159,8 @@ def convert(
     from reshard.convert import convert as run_convert
     from reshard.convert import make_plan
     from reshard.layout import Layout
-    from reshard.modelcard import human_bytes
     from reshard.sources import open_source
+    from reshard.units import human_bytes
 
     limit = _size(max_file_size, "--max-file-size")
     plan = make_plan(open_source(src), Layout.parse(layout), dtype, max_file_bytes=limit)
@@ -276,7 +276,7 @@ def export(directory: Path, out: Path, max_shard_size: str, quiet: bool) -> None
       reshard export q3-ep4tp4 --out Qwen3-30B-A3B-hf --max-shard-size 5GB
     """
     from reshard.export import export as run_export
-    from reshard.modelcard import human_bytes
+    from reshard.units import human_bytes
 
     limit = _size(max_shard_size, "--max-shard-size")
     files = run_export(directory, out, max_shard_size=limit, progress=_progress(quiet))
@@ -332,8 +332,8 @@ def synth(like: str, layers: int | None, dtype: str, seed: int, out: Path, quiet
 
     from reshard.converters.lazy import CAST_DTYPES
     from reshard.errors import OutputError
-    from reshard.modelcard import human_bytes
     from reshard.synth import preset, synth_bytes, write_synth
+    from reshard.units import human_bytes
 
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise OutputError(f"--out {out}: exists and is not an empty directory")
@@ -364,8 +364,9 @@ def plan(src: str, layout: str, dtype: str) -> None:
     """
     from reshard.convert import make_plan
     from reshard.layout import Layout
-    from reshard.modelcard import human_bytes, plan_table
+    from reshard.modelcard import plan_table
     from reshard.sources import open_source
+    from reshard.units import human_bytes
 
     p = make_plan(open_source(src), Layout.parse(layout), dtype)
     click.echo(
@@ -391,7 +392,7 @@ def inspect(directory: str, as_json: bool) -> None:
       reshard inspect hf:me/Qwen3-30B-A3B-ep4tp4
     """
     from reshard.checkpoint import open_checkpoint
-    from reshard.modelcard import human_bytes
+    from reshard.units import human_bytes
 
     ckpt = open_checkpoint(directory, manifest_only=True)
     m = ckpt.manifest

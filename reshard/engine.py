@@ -7,7 +7,8 @@ too. That lets the work split three ways and overlap:
 - a file is written in aligned blocks of BLOCK bytes. I/O threads fill each
   block from its segments (a file span is read with `preadv` straight into the
   block; a computed segment, a cast or a column slice, is computed by torch and
-  copied in) and write it with `pwrite`, several blocks at once;
+  copied in) and hand it to one of WRITERS threads that only `pwrite`, so the
+  disk has several blocks in flight however few cores fill them;
 - blocks go to the disk with direct I/O (`O_DIRECT`) where the file system
   takes it: no copy into the page cache, which on a 2-core VM cost more CPU
   than the copy itself did (docs/benchmarks.md). Elsewhere, or if the file
@@ -56,6 +57,12 @@ CHUNK = 4 << 20
 BLOCK = 2 << 20
 WINDOW = 4
 MAX_FILES = 8  # files written at once at most: each holds WINDOW + 1 blocks
+# Threads that only write filled blocks. A direct write waits for the disk, and when the
+# `workers` threads that fill blocks also wrote them, a 2-core machine had two writes in
+# flight and cores idle while they waited. More fill threads did it too (ninth session), but
+# each kept the memory torch had freed in it (glibc's per-thread arenas); a writer allocates
+# nothing.
+WRITERS = 8
 # Bytes of covering reads of column slices the reader keeps while MAX_FILES ranks take their
 # slices of them: the files written at once drift apart by tens of experts, and with 16 MB
 # tp8 read its down_proj rows 7 times over on the 2-core VM, with 128 MB once.
@@ -95,7 +102,8 @@ def write_files(
     """Write `jobs`, yielding each as it finishes; the first failure stops every other file.
 
     Up to MAX_FILES files are written at once, each with its own hashing thread; the
-    `workers` I/O threads are shared between them.
+    `workers` I/O threads that fill blocks and the WRITERS threads that write them are shared
+    between them.
     """
     if not jobs:
         return
@@ -103,6 +111,7 @@ def write_files(
     stop = threading.Event()
     files_at_once = min(len(jobs), MAX_FILES)
     io = cf.ThreadPoolExecutor(workers, thread_name_prefix="reshard-io")
+    writers = cf.ThreadPoolExecutor(WRITERS, thread_name_prefix="reshard-write")
     files = cf.ThreadPoolExecutor(files_at_once, thread_name_prefix="reshard-file")
     lock = threading.Lock()
 
@@ -111,7 +120,9 @@ def write_files(
             on_bytes(n)
 
     try:
-        futures = {files.submit(_write_file, job, reader, io, stop, counted): job for job in jobs}
+        futures = {
+            files.submit(_write_file, job, reader, io, writers, stop, counted): job for job in jobs
+        }
         for future in cf.as_completed(futures):
             yield futures[future], future.result()
     finally:
@@ -120,12 +131,14 @@ def write_files(
         stop.set()
         files.shutdown(wait=True, cancel_futures=True)
         io.shutdown(wait=True, cancel_futures=True)
+        writers.shutdown(wait=True, cancel_futures=True)
 
 
 def _write_file(
     job: FileJob,
     reader: SliceReader,
     io: cf.ThreadPoolExecutor,
+    writers: cf.ThreadPoolExecutor,
     stop: threading.Event,
     on_bytes: Callable[[int], None],
 ) -> Written:
@@ -133,15 +146,17 @@ def _write_file(
     size = len(header) + sum(nbytes(dtype, shape) for _, dtype, shape in job.entries)
     digest = hashlib.sha256()
     # Block k is filled in buffer k % (WINDOW + 1): by the time a buffer is reused, the block
-    # that had it has been written and hashed (at most WINDOW are in flight).
+    # that had it has been hashed (at most WINDOW are being filled) and its write is waited for.
     buffers: list[mmap.mmap | None] = [None] * (WINDOW + 1)
-    pending: deque[cf.Future] = deque()
+    writes: list[cf.Future | None] = [None] * (WINDOW + 1)
+    pending: deque[tuple[int, cf.Future]] = deque()  # (slot, fill) in file order
     out = _Output(job.path, size)
     header_left = len(header)  # the progress counts tensor bytes only
 
     def hash_next() -> None:
         nonlocal header_left
-        data = pending.popleft().result()
+        slot, fill = pending.popleft()
+        data, writes[slot] = fill.result()
         digest.update(data)
         skip = min(len(data), header_left)
         header_left -= skip
@@ -153,19 +168,31 @@ def _write_file(
             slot = k % (WINDOW + 1)
             if buffers[slot] is None:
                 buffers[slot] = mmap.mmap(-1, BLOCK)
-            pending.append(io.submit(_fill_and_write, pieces, buffers[slot], out, offset, reader))
+            elif writes[slot] is not None:
+                writes[slot].result()
+            fill = io.submit(_fill_and_write, pieces, buffers[slot], out, offset, reader, writers)
+            pending.append((slot, fill))
             offset += sum(b - a for _, a, b in pieces)
             while len(pending) > WINDOW:
                 hash_next()
         while pending:
             hash_next()
+        for write in writes:
+            if write is not None:
+                write.result()
         if offset != size:
             raise ValueError(f"{job.path.name}: segments gave {offset:,} bytes, expected {size:,}")
         out.finish()
     except BaseException:
-        for future in pending:
-            future.cancel()
-        cf.wait(pending)  # no write may land after the descriptor is closed (and reused)
+        for _, fill in pending:
+            fill.cancel()
+        # No write may land after the descriptor is closed (and reused): a fill that ran has
+        # handed its block to a writer.
+        cf.wait([fill for _, fill in pending])
+        for _, fill in pending:
+            if not fill.cancelled() and fill.exception() is None:
+                writes.append(fill.result()[1])
+        cf.wait([w for w in writes if w is not None])
         out.discard()
         raise
     return Written(path=job.path, nbytes=offset, sha256=digest.hexdigest())
@@ -232,9 +259,15 @@ def _blocks(header: bytes, segments: Iterable[Segment]) -> Iterator[list[Piece]]
 
 
 def _fill_and_write(
-    pieces: list[Piece], buffer: mmap.mmap, out: _Output, offset: int, reader: SliceReader
-) -> memoryview:
-    """Fill the block at `offset` from its pieces and write it; return its bytes for hashing."""
+    pieces: list[Piece],
+    buffer: mmap.mmap,
+    out: _Output,
+    offset: int,
+    reader: SliceReader,
+    writers: cf.ThreadPoolExecutor,
+) -> tuple[memoryview, cf.Future]:
+    """Fill the block at `offset` from its pieces and hand it to a writer; return its bytes
+    for hashing, and the write."""
     view = memoryview(buffer)
     at = 0
     for source, start, stop in pieces:
@@ -248,8 +281,7 @@ def _fill_and_write(
         else:
             view[at : at + n] = source[start:stop]
         at += n
-    out.write(view, at, offset)
-    return view[:at]
+    return view[:at], writers.submit(out.write, view, at, offset)
 
 
 class _Output:

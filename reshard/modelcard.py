@@ -11,6 +11,7 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from reshard.manifest import Manifest
 from reshard.placements import local_selection
+from reshard.units import human_bytes
 
 TEMPLATE = """---
 {{ card_data }}
@@ -59,14 +60,6 @@ params = load_dtensors("{{ where }}", mesh)  # {name: DTensor}, the manifest's p
 - {{ note }}
 {%- endfor %}
 {% endif %}"""
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
 
 
 def experts_held(manifest: Manifest, rank: int) -> str:

@@ -14,6 +14,7 @@ import re
 import shutil
 import struct
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -280,6 +281,35 @@ def test_one_worker_still_writes_the_tp_ranks_together(out, tmp_path, monkeypatc
     assert_same_rank_files(out1, out)
 
 
+def test_one_worker_keeps_several_writes_in_flight(out, tmp_path, monkeypatch):
+    """A direct write waits for the disk. The threads that fill blocks hand them to writer
+    threads, so the disk has several blocks to write even with one --workers thread: before,
+    the thread that filled a block also wrote it, and a 2-core machine had two writes in
+    flight at most while its cores waited."""
+    import reshard.engine as engine
+
+    lock, flight = threading.Lock(), {"now": 0, "most": 0}
+    real = engine._Output.write
+
+    def slow_write(self, *args):
+        with lock:
+            flight["now"] += 1
+            flight["most"] = max(flight["most"], flight["now"])
+        time.sleep(0.02)  # a disk that takes its time
+        try:
+            return real(self, *args)
+        finally:
+            with lock:
+                flight["now"] -= 1
+
+    monkeypatch.setattr(engine._Output, "write", slow_write)
+    monkeypatch.setattr(engine, "BLOCK", 4 * engine.ALIGN)
+    out1 = tmp_path / "w1"
+    run("convert", "--src", "tiny:qwen3_moe", "--layout", "ep2tp2", "--out", out1, "--workers", 1)
+    assert flight["most"] >= 2, flight
+    assert_same_rank_files(out1, out)
+
+
 def _refuse_direct_io(monkeypatch, at: str) -> None:
     """A file system without direct I/O: EINVAL at open (tmpfs) or only at the first write."""
     import errno
@@ -525,7 +555,7 @@ def test_verify_against_a_source_that_differs(out, tiny_dir, tmp_path):
 
 
 def test_plan_prints_one_row_per_rank_and_writes_nothing(tmp_path, convert_tiny, reshard_cache):
-    from reshard.modelcard import human_bytes
+    from reshard.units import human_bytes
 
     cache_before = sorted(p.relative_to(reshard_cache) for p in reshard_cache.rglob("*"))
     runner = CliRunner()

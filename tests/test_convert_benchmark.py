@@ -51,7 +51,9 @@ def test_each_round_shuffles_the_rows_and_a_conversion_is_checked_right_after_it
     runs every row in its own order; a conversion's no-op and verify rows still come right
     after it (they check its output and find its hashes in $RESHARD_CACHE)."""
     ran: list[str] = []
-    monkeypatch.setattr(bench, "run_row", lambda name, *_: ran.append(name) or {"row": name})
+    monkeypatch.setattr(
+        bench, "run_row", lambda name, *_: ran.append(name) or {"row": name, "wall_s": 0.0}
+    )
     monkeypatch.setattr(bench, "hub_cache", lambda src, cache: "hf:org/name")
     monkeypatch.setenv("RESHARD_CACHE", str(tmp_path / "unused"))
     bench.rounds(tmp_path / "src", tmp_path, ["ep2", "tp2"], 4, False)
