@@ -22,27 +22,33 @@ Both figures are GB of `down_proj` cut per second on one thread.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import struct
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
+from reshard.errors import ReshardError
+from reshard.safetensors_header import read_header
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from convert import warm  # noqa: E402 - the same untimed read into the page cache
+
 GB = 1e9
+Tensor = tuple[Path, int, list[int]]  # (file, data offset, shape)
 
 
-def down_projs(src: Path) -> list[tuple[Path, int, list[int]]]:
-    """(file, data offset, shape) of every `down_proj` weight in the checkpoint."""
+def down_projs(src: Path) -> list[Tensor]:
+    """(file, data offset, shape) of every bf16/fp16 `down_proj` weight in the checkpoint."""
     out = []
     for f in sorted(src.glob("*.safetensors")):
-        with f.open("rb") as fh:
-            n = struct.unpack("<Q", fh.read(8))[0]
-            header = json.loads(fh.read(n))
-        for name, info in header.items():
-            if name.endswith("down_proj.weight") and info["dtype"] in ("BF16", "F16"):
-                out.append((f, 8 + n + info["data_offsets"][0], info["shape"]))
+        header = read_header(f)
+        for name, info in header.tensors.items():
+            if name.endswith("down_proj.weight") and info.dtype in (torch.bfloat16, torch.float16):
+                out.append((f, header.data_start + info.start, list(info.shape)))
     return out
 
 
@@ -66,59 +72,46 @@ class Scatter:
         return self.staging
 
 
-def scatter(tensors: list[tuple[Path, int, list[int]]], tp: int) -> float:
-    """GB/s of cutting every tensor into `tp` column slices with preadv scatter."""
+def rate(tensors: list[Tensor], cut: Callable[[int, int], object]) -> float:
+    """GB/s of `cut(fd, offset)` over every tensor of the first one's shape, on one thread."""
     rows, cols = tensors[0][2]
-    cutter = Scatter(rows, cols, tp)
     fds = {f: os.open(f, os.O_RDONLY) for f, _, _ in tensors}
-    start, done = time.perf_counter(), 0
-    for f, offset, shape in tensors:
-        if shape == [rows, cols]:
-            cutter.cut(fds[f], offset)
-            done += rows * cols * 2
-    seconds = time.perf_counter() - start
-    for fd in fds.values():
-        os.close(fd)
-    return done / seconds / GB
+    try:
+        start, done = time.perf_counter(), 0
+        for f, offset, shape in tensors:
+            if shape == [rows, cols]:
+                cut(fds[f], offset)
+                done += rows * cols * 2
+        return done / (time.perf_counter() - start) / GB
+    finally:
+        for fd in fds.values():
+            os.close(fd)
 
 
-def check_scatter(tensor: tuple[Path, int, list[int]], tp: int) -> None:
-    """The scatter's slices are torch's, byte for byte (else the timing means nothing)."""
-    import torch
-
-    f, offset, (rows, cols) = tensor
+def torch_cutter(rows: int, cols: int, tp: int) -> Callable[[int, int], list[torch.Tensor]]:
+    """One read of the whole tensor, then `contiguous()` of each of its `tp` column slices."""
     whole = torch.empty(rows, cols, dtype=torch.bfloat16)
+    into = memoryview(whole.view(torch.uint8).numpy()).cast("B")
+
+    def cut(fd: int, offset: int) -> list[torch.Tensor]:
+        os.preadv(fd, [into], offset)
+        return [t.contiguous() for t in whole.tensor_split(tp, dim=1)]
+
+    return cut
+
+
+def check_scatter(tensor: Tensor, tp: int) -> None:
+    """The scatter's slices are torch's, byte for byte (else the timing means nothing)."""
+    f, offset, (rows, cols) = tensor
     fd = os.open(f, os.O_RDONLY)
     try:
-        os.preadv(fd, [memoryview(whole.view(torch.uint8).numpy()).cast("B")], offset)
+        want = torch_cutter(rows, cols, tp)(fd, offset)
         got = Scatter(rows, cols, tp).cut(fd, offset)
     finally:
         os.close(fd)
-    for t, want in enumerate(whole.tensor_split(tp, dim=1)):
-        if bytes(got[t]) != want.contiguous().view(torch.uint8).numpy().tobytes():
+    for t in range(tp):
+        if bytes(got[t]) != want[t].view(torch.uint8).numpy().tobytes():
             raise SystemExit(f"{f}: preadv scatter slice {t} of {tp} differs from torch's")
-
-
-def torch_slices(tensors: list[tuple[Path, int, list[int]]], tp: int) -> float:
-    """GB/s of one read of each tensor and `contiguous()` of its `tp` column slices."""
-    import torch
-
-    rows, cols = tensors[0][2]
-    whole = torch.empty(rows, cols, dtype=torch.bfloat16)
-    into = memoryview(whole.view(torch.uint8).numpy()).cast("B")
-    fds = {f: os.open(f, os.O_RDONLY) for f, _, _ in tensors}
-    start, done = time.perf_counter(), 0
-    for f, offset, shape in tensors:
-        if shape != [rows, cols]:
-            continue
-        os.preadv(fds[f], [into], offset)
-        for t in whole.tensor_split(tp, dim=1):
-            t.contiguous()
-        done += rows * cols * 2
-    seconds = time.perf_counter() - start
-    for fd in fds.values():
-        os.close(fd)
-    return done / seconds / GB
 
 
 def import_torch_seconds() -> float:
@@ -136,21 +129,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--src", type=Path, required=True, help="a checkpoint (e.g. reshard synth)")
     p.add_argument("--tp", default="2,4,8", help="TP degrees to cut for")
     args = p.parse_args(argv)
-    tensors = down_projs(args.src)
+    try:
+        tensors = down_projs(args.src)
+    except ReshardError as e:  # a file that is not safetensors: its one line
+        p.error(str(e))
     if not tensors:
         p.error(f"--src {args.src}: no bf16/fp16 down_proj weights in its safetensors files")
     gb = sum(r * c * 2 for _, _, (r, c) in tensors) / GB
-    for f in {f for f, _, _ in tensors}:  # into the page cache, untimed
-        with f.open("rb") as fh:
-            while fh.read(64 << 20):
-                pass
+    warm(args.src)
     print(f"{len(tensors)} down_proj tensors of {tensors[0][2]}, {gb:.2f} GB; one thread")
     print(f"import torch: {import_torch_seconds():.2f} s (what a torch-free conversion saves)")
     print("| TP | preadv scatter GB/s | torch GB/s | scatter s | torch s |")
     print("| --- | --- | --- | --- | --- |")
     for tp in (int(t) for t in args.tp.split(",")):
         check_scatter(tensors[0], tp)
-        s, t = scatter(tensors, tp), torch_slices(tensors, tp)
+        rows, cols = tensors[0][2]
+        s = rate(tensors, Scatter(rows, cols, tp).cut)
+        t = rate(tensors, torch_cutter(rows, cols, tp))
         print(f"| {tp} | {s:.2f} | {t:.2f} | {gb / s:.2f} | {gb / t:.2f} |")
     return 0
 

@@ -18,6 +18,8 @@ import pytest
 from helpers_cli import HINT
 from safetensors.torch import load_file, save_file
 
+from reshard.tiny import write_tiny_checkpoint
+
 SCRIPT = Path(sys.executable).parent / "reshard"
 
 
@@ -210,8 +212,6 @@ def test_no_daemon_thread_outlives_a_command(tmp_path):
         "print('daemon threads:', sorted(t.name for t in threading.enumerate() if t.daemon))\n"
     )
     src, out = tmp_path / "src", tmp_path / "out"
-    from reshard.tiny import write_tiny_checkpoint
-
     write_tiny_checkpoint("qwen3_moe", src)
     for args in (
         ["convert", "--src", str(src), "--layout", "ep2tp2", "--out", str(out), "-q"],
