@@ -496,6 +496,7 @@ def test_verify_against_stopped_early_drops_its_queued_files(out, monkeypatch):
         return real(*args)
 
     monkeypatch.setattr(verify, "_check_file", check)
+    monkeypatch.setattr(verify, "MAX_FILES", 1)  # else all four ranks are checked at once
     ckpt = ShardedCheckpoint(out)
     plan = make_plan(open_source("tiny:qwen3_moe"), Layout.parse("ep2tp2"))
     findings = verify.check_against(ckpt, plan, workers=1)
@@ -503,6 +504,46 @@ def test_verify_against_stopped_early_drops_its_queued_files(out, monkeypatch):
     threading.Timer(0.2, release.set).start()  # lets the one file in flight finish
     findings.close()
     assert checked == [0, 1]  # rank 0's, and rank 1's in flight: not ranks 2 and 3
+
+
+def test_verify_against_reads_the_rows_of_a_column_slice_once_for_every_tp_rank(tmp_path):
+    """tp4's down_proj: each rank holds a quarter of the columns of every expert, and the
+    covering read of an expert's rows serves the four ranks only while they are checked
+    together. Checked one rank at a time (`workers` = 1), the rows were read once per rank: the
+    reader keeps 16 MB of them, less than the down_proj here."""
+    from helpers_cli import load_benchmark
+
+    from reshard.checkpoint import ShardedCheckpoint
+    from reshard.convert import make_plan
+    from reshard.converters.lazy import SPAN_CACHE
+    from reshard.layout import Layout
+    from reshard.sources import open_source
+    from reshard.verify import check_against
+
+    bench = load_benchmark("convert_memory")
+    size = bench.Size(
+        hidden=512, layers=2, experts=16, moe_intermediate=1024,
+        vocab=1024, heads=4, kv_heads=2, head_dim=64,
+    )  # fmt: skip
+    bench.write_checkpoint(tmp_path / "src", size)
+    down = size.layers * size.experts * size.hidden * size.moe_intermediate * 2  # bf16
+    assert down > SPAN_CACHE  # or the cache alone would keep every expert's rows
+    run("convert", "--src", tmp_path / "src", "--layout", "tp4", "--out", tmp_path / "tp4", "-q")
+
+    plan = make_plan(open_source(str(tmp_path / "src")), Layout.parse("tp4"))
+    reader, lock, read = plan.source.reader, threading.Lock(), {"down_proj": 0, "all": 0}
+    read_into = reader.read_into
+
+    def counted(path, offset, buffer, what):
+        with lock:
+            read["all"] += len(buffer)
+            read["down_proj"] += len(buffer) if "down_proj" in what else 0
+        return read_into(path, offset, buffer, what)
+
+    reader.read_into = counted
+    findings = list(check_against(ShardedCheckpoint(tmp_path / "tp4"), plan, workers=1))
+    assert findings and all(f.ok for f in findings), [f.what for f in findings if not f.ok]
+    assert read["down_proj"] == down, read  # each expert's rows once, for all four ranks
 
 
 @pytest.mark.parametrize("length", [0, 1, 7, 8, 9, 64, 4099])
