@@ -496,7 +496,7 @@ def test_verify_against_stopped_early_drops_its_queued_files(out, monkeypatch):
         return real(*args)
 
     monkeypatch.setattr(verify, "_check_file", check)
-    monkeypatch.setattr(verify, "MAX_FILES", 1)  # else all four ranks are checked at once
+    monkeypatch.setattr(verify, "column_group", lambda ckpt: 1)  # else ranks 0-1 start together
     ckpt = ShardedCheckpoint(out)
     plan = make_plan(open_source("tiny:qwen3_moe"), Layout.parse("ep2tp2"))
     findings = verify.check_against(ckpt, plan, workers=1)
@@ -508,9 +508,9 @@ def test_verify_against_stopped_early_drops_its_queued_files(out, monkeypatch):
 
 def test_verify_against_reads_the_rows_of_a_column_slice_once_for_every_tp_rank(tmp_path):
     """tp4's down_proj: each rank holds a quarter of the columns of every expert, and the
-    covering read of an expert's rows serves the four ranks only while they are checked
-    together. Checked one rank at a time (`workers` = 1), the rows were read once per rank: the
-    reader keeps 16 MB of them, less than the down_proj here."""
+    covering read of an expert's rows serves the four ranks only while it is kept. With the
+    reader's default 16 MB, less than the down_proj here, the rows were read once per rank; verify
+    keeps the engine's SHARED_SPANS, and checks the four ranks together (next test)."""
     from helpers_cli import load_benchmark
 
     from reshard.checkpoint import ShardedCheckpoint
@@ -544,6 +544,33 @@ def test_verify_against_reads_the_rows_of_a_column_slice_once_for_every_tp_rank(
     findings = list(check_against(ShardedCheckpoint(tmp_path / "tp4"), plan, workers=1))
     assert findings and all(f.ok for f in findings), [f.what for f in findings if not f.ok]
     assert read["down_proj"] == down, read  # each expert's rows once, for all four ranks
+
+
+def test_verify_against_checks_the_tp_ranks_of_a_column_slice_together(out, monkeypatch):
+    """A covering read is kept for a bounded number of bytes: it serves every TP rank only
+    while they are checked at about the same time. ep2tp2 with one worker: its two TP ranks
+    are checked together (before, one rank at a time), and no more threads than that."""
+    import reshard.verify as verify
+    from reshard.checkpoint import ShardedCheckpoint
+    from reshard.convert import make_plan
+    from reshard.layout import Layout
+    from reshard.sources import open_source
+
+    ckpt = ShardedCheckpoint(out)
+    assert verify.column_group(ckpt) == 2  # down_proj and o_proj: columns split two ways
+    together, threads = threading.Barrier(2, timeout=30), set()
+    real = verify._check_file
+
+    def check(*args):
+        threads.add(threading.get_ident())
+        together.wait()  # breaks (BrokenBarrierError) unless a second rank is in flight
+        return real(*args)
+
+    monkeypatch.setattr(verify, "_check_file", check)
+    plan = make_plan(open_source("tiny:qwen3_moe"), Layout.parse("ep2tp2"))
+    findings = list(verify.check_against(ckpt, plan, workers=1))
+    assert findings and all(f.ok for f in findings), [f.what for f in findings if not f.ok]
+    assert len(threads) == 2
 
 
 @pytest.mark.parametrize("length", [0, 1, 7, 8, 9, 64, 4099])
