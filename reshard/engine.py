@@ -107,7 +107,7 @@ def write_files(
     """
     if not jobs:
         return
-    reader.span_cache = max(reader.span_cache, SHARED_SPANS)
+    keep_shared_spans(reader)
     stop = threading.Event()
     files_at_once = min(len(jobs), MAX_FILES)
     io = cf.ThreadPoolExecutor(workers, thread_name_prefix="reshard-io")
@@ -132,6 +132,12 @@ def write_files(
         files.shutdown(wait=True, cancel_futures=True)
         io.shutdown(wait=True, cancel_futures=True)
         writers.shutdown(wait=True, cancel_futures=True)
+
+
+def keep_shared_spans(reader: SliceReader) -> None:
+    """Let `reader` keep SHARED_SPANS of covering reads (at least), for the TP ranks of column
+    slices that are read at once: by `write_files`, and by `reshard verify --against`."""
+    reader.span_cache = max(reader.span_cache, SHARED_SPANS)
 
 
 def _write_file(

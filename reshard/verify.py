@@ -25,7 +25,7 @@ import torch
 
 from reshard.checkpoint import ShardedCheckpoint
 from reshard.converters.lazy import DTYPE_NAMES, selection_chunks
-from reshard.engine import CHUNK, SHARED_SPANS
+from reshard.engine import CHUNK, keep_shared_spans
 from reshard.errors import CheckpointError, ReshardError
 from reshard.file_blocks import file_blocks
 from reshard.hash_cache import take_prefetched
@@ -74,7 +74,7 @@ def check_against(ckpt: ShardedCheckpoint, plan, workers: int | None = None) -> 
         and (p.dtype, p.shape) == (plan.params[name].dtype, plan.params[name].shape)
     }
     world = ckpt.layout.world_size
-    plan.source.reader.span_cache = max(plan.source.reader.span_cache, SHARED_SPANS)
+    keep_shared_spans(plan.source.reader)
     pool = cf.ThreadPoolExecutor(min(world, max(workers or default_workers(), column_group(ckpt))))
     try:
         jobs = [
