@@ -443,7 +443,7 @@ def verify(directory: str, against: str | None, quiet: bool) -> None:
     from tqdm.auto import tqdm
 
     from reshard.checkpoint import open_checkpoint
-    from reshard.verify import check_against, check_files
+    from reshard.verify import check_against, check_files, missing_from
 
     ckpt = open_checkpoint(directory)
     total = ckpt.layout.world_size
@@ -456,7 +456,7 @@ def verify(directory: str, against: str | None, quiet: bool) -> None:
         checks = found = list(check_files(ckpt, hash=False))
         if all(f.ok for f in found):
             checks = check_against(ckpt, plan)
-            total += len(ckpt.params)
+            total += len(ckpt.params) + len(missing_from(ckpt, plan))
     else:
         checks = check_files(ckpt)
     failures = 0

@@ -62,6 +62,7 @@ def check_against(ckpt: ShardedCheckpoint, plan, workers: int | None = None) -> 
     """One finding per rank, in rank order, as its files are read: their sha256s against the
     manifest. Then one per parameter: every rank's local tensor equals the source's bytes at the
     selection the manifest gives that rank (so replicas agree and the pieces cover the tensor).
+    Then one failure for each parameter of the source the checkpoint lacks.
 
     Check the files' sizes and own headers first (`check_files(hash=False)`): this reads
     what they say. Every file is queued at once, and the TP ranks of a column slice are checked
@@ -109,8 +110,16 @@ def check_against(ckpt: ShardedCheckpoint, plan, workers: int | None = None) -> 
                 yield Finding(False, differs[name])
             else:
                 yield Finding(True, f"{name}: {list(p.shape)} bit-exact")
+        for name in missing_from(ckpt, plan):
+            yield Finding(False, f"{name}: in the source, not in the checkpoint")
     finally:
         pool.shutdown(wait=True, cancel_futures=True)  # stopped early: drop the queued work
+
+
+def missing_from(ckpt: ShardedCheckpoint, plan) -> list[str]:
+    """The source's parameters the checkpoint does not hold (a checkpoint of fewer layers, or a
+    manifest that lost some): each is one failure of `check_against`."""
+    return [name for name in plan.params if name not in ckpt.params]
 
 
 def column_group(ckpt: ShardedCheckpoint) -> int:

@@ -623,6 +623,34 @@ def test_verify_against_a_source_that_differs(out, tiny_dir, tmp_path):
     assert len(failures) == 1 and "model.layers.0.self_attn.q_norm.weight" in failures[0]
 
 
+def test_verify_against_a_source_with_more_layers_reports_the_missing_ones(out, tiny_dir, tmp_path):
+    """A checkpoint converted from a one-layer cut of the source holds none of layer 1: verifying
+    it against the whole source must fail and name each of layer 1's tensors (as the whole
+    conversion's manifest names them), not pass on the tensors it has."""
+    cut = tmp_path / "cut"
+    shutil.copytree(tiny_dir, cut)
+    index = json.loads((cut / "model.safetensors.index.json").read_text())
+    dropped = {n for n in index["weight_map"] if n.startswith("model.layers.1.")}
+    for f in cut.glob("*.safetensors"):
+        tensors = load_file(str(f))
+        save_file({n: t for n, t in tensors.items() if n not in dropped}, str(f), {"format": "pt"})
+    index["weight_map"] = {n: f for n, f in index["weight_map"].items() if n not in dropped}
+    (cut / "model.safetensors.index.json").write_text(json.dumps(index))
+    config = json.loads((cut / "config.json").read_text())
+    config["num_hidden_layers"] = 1
+    (cut / "config.json").write_text(json.dumps(config))
+    converted = tmp_path / "cut-ep2tp2"
+    run("convert", "--src", cut, "--layout", "ep2tp2", "--out", converted)
+    run("verify", converted, "--against", cut)
+
+    result = run("verify", converted, "--against", tiny_dir, ok=False)
+    assert result.exit_code != 0
+    failures = [line for line in result.stderr.splitlines() if line.startswith("FAIL")]
+    layer1 = {n for n in json.loads((out / "reshard.json").read_text())["params"] if ".1." in n}
+    assert layer1 and {line.split()[1].rstrip(":") for line in failures} == layer1, result.stderr
+    assert len(failures) == len(layer1)
+
+
 # --- plan and inspect ----------------------------------------------------------------------------
 
 
