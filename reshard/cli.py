@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from reshard.errors import ReshardError
+from reshard.machine import share_malloc_arenas
 
 # torch warns at import when numpy is absent; reshard never needs numpy, so the warning is noise.
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
@@ -890,6 +891,7 @@ def main() -> None:
     # SIGTERM unwinds like Ctrl-C, so `finally` blocks remove temp files and stop workers.
     signal.signal(signal.SIGINT, _on_stop_signal)
     signal.signal(signal.SIGTERM, _on_stop_signal)
+    share_malloc_arenas()  # before any thread: hashing starts while torch imports
     # At exit the interpreter garbage-collects every object torch made at import: 0.7 s on the
     # 2-core VM after each command, 0.2 s with them frozen out of collection first (the last
     # exit handler to run, as it is the first registered). Other handlers and finalizers run.

@@ -25,7 +25,7 @@ import torch
 
 from reshard.checkpoint import ShardedCheckpoint
 from reshard.converters.lazy import DTYPE_NAMES, selection_chunks
-from reshard.engine import CHUNK, keep_shared_spans
+from reshard.engine import CHUNK, MAX_FILES, keep_shared_spans
 from reshard.errors import CheckpointError, ReshardError
 from reshard.file_blocks import file_blocks
 from reshard.hash_cache import take_prefetched
@@ -76,7 +76,7 @@ def check_against(ckpt: ShardedCheckpoint, plan, workers: int | None = None) -> 
     }
     world = ckpt.layout.world_size
     keep_shared_spans(plan.source.reader)
-    pool = cf.ThreadPoolExecutor(min(world, max(workers or default_workers(), column_group(ckpt))))
+    pool = cf.ThreadPoolExecutor(check_threads(ckpt, workers))
     try:
         jobs = [
             [
@@ -120,6 +120,13 @@ def missing_from(ckpt: ShardedCheckpoint, plan) -> list[str]:
     """The source's parameters the checkpoint does not hold (a checkpoint of fewer layers, or a
     manifest that lost some): each is one failure of `check_against`."""
     return [name for name in plan.params if name not in ckpt.params]
+
+
+def check_threads(ckpt: ShardedCheckpoint, workers: int | None = None) -> int:
+    """Rank files checked at once: `workers` (default one per core) up to MAX_FILES, as
+    `convert` writes them, but never fewer than a column group (they share one read)."""
+    wanted = min(workers or default_workers(), MAX_FILES)
+    return min(ckpt.layout.world_size, max(wanted, column_group(ckpt)))
 
 
 def column_group(ckpt: ShardedCheckpoint) -> int:

@@ -9,7 +9,10 @@ the measurement sees a whole-model load when there is one.
 
 from __future__ import annotations
 
+import platform
 import shutil
+import subprocess
+import sys
 
 import pytest
 from helpers_cli import load_benchmark
@@ -79,3 +82,44 @@ def test_convert_peak_rss_is_bounded_by_one_shard(checkpoint, import_rss, tmp_pa
     print(figures)
     assert extra < model_bytes / 3, figures
     assert extra <= K * shard + CONSTANT, figures
+
+
+ARENAS = """
+import ctypes, sys, tempfile, threading
+from reshard.machine import share_malloc_arenas
+if sys.argv[1] == "capped":
+    assert share_malloc_arenas(2)
+go = threading.Barrier(8)
+def allocate():
+    go.wait()  # all at once, so none can take another's free arena
+    keep = [bytearray(1000) for _ in range(1000)]
+    go.wait()
+threads = [threading.Thread(target=allocate) for _ in range(8)]
+for t in threads: t.start()
+for t in threads: t.join()
+libc = ctypes.CDLL(None)
+libc.fopen.restype = ctypes.c_void_p
+with tempfile.NamedTemporaryFile() as f:
+    stream = libc.fopen(f.name.encode(), b"w")
+    libc.malloc_info(0, ctypes.c_void_p(stream))
+    libc.fclose(ctypes.c_void_p(stream))
+    print(open(f.name).read().count("<heap nr="))
+"""
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+    reason="malloc arenas are glibc's",
+)
+def test_share_malloc_arenas_caps_the_arenas_glibc_makes():
+    """glibc's own count of its heaps (malloc_info): 8 threads allocating at once make an arena
+    each, unless the command capped them first, as `reshard` does before its threads start."""
+
+    def heaps(mode: str) -> int:
+        done = subprocess.run(
+            [sys.executable, "-c", ARENAS, mode], capture_output=True, text=True, check=True
+        )
+        return int(done.stdout)
+
+    assert heaps("free") >= 8
+    assert heaps("capped") <= 2
