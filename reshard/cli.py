@@ -155,15 +155,27 @@ def convert(
     --out are refused, as is one that would replace a finished checkpoint of
     another layout (unless --overwrite).
     """
+    from reshard import up_to_date
+    from reshard.units import human_bytes
+
+    limit = _size(max_file_size, "--max-file-size")
+    # The same command again, nothing changed: answered before torch is imported.
+    asked = None
+    if ranks is None and push_to_hub is None and "RANK" not in os.environ:
+        asked = up_to_date.request(src, layout, dtype, limit)
+    if asked is not None and (done := up_to_date.finished(out, asked)) is not None:
+        click.echo(
+            f"up to date: {out} holds {done['ranks']} rank files ({human_bytes(done['bytes'])}) "
+            f"for {done['layout']} from {src}; nothing written"
+        )
+        return
     _hash_while_importing(src, rank_files=False)
     from reshard.cluster import Part, parse_ranks, torchrun_part
     from reshard.convert import convert as run_convert
     from reshard.convert import make_plan
     from reshard.layout import Layout
     from reshard.sources import open_source
-    from reshard.units import human_bytes
 
-    limit = _size(max_file_size, "--max-file-size")
     plan = make_plan(open_source(src), Layout.parse(layout), dtype, max_file_bytes=limit)
     world = plan.layout.world_size
     part = torchrun_part(world)
@@ -182,6 +194,9 @@ def convert(
         click.echo(f"wrote {written} of {plan.layout.name} to {out}{later}")
         return
     total = sum(r.bytes for r in manifest.ranks)
+    if asked is not None:
+        summary = {"ranks": manifest.world_size, "bytes": total, "layout": manifest.layout}
+        up_to_date.record(out, asked, summary)
     click.echo(
         f"wrote {manifest.world_size} rank files ({human_bytes(total)}) for {manifest.layout} to {out}"
     )

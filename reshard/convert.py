@@ -58,6 +58,7 @@ from reshard.manifest import (
 from reshard.placements import Selection, local_selection, selection_shape
 from reshard.plan import ParamPlan, check_divisible, placements_for
 from reshard.sources import Source
+from reshard.up_to_date import PROGRESS_DIR
 from reshard.writer import (
     TMP_SUFFIX,
     atomic_write_bytes,
@@ -65,8 +66,6 @@ from reshard.writer import (
     fsync_dir,
     nbytes,
 )
-
-PROGRESS_DIR = ".reshard"
 
 
 @dataclass(kw_only=True)

@@ -13,6 +13,8 @@ import os
 import re
 import shutil
 import struct
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -753,6 +755,62 @@ def test_a_noop_rerun_hashes_nothing_and_a_touched_file_is_hashed_again(tmp_path
     run(*args)
     assert hashed == [source.name]
     assert rank0.stat().st_mtime_ns != before[0] and rank1.stat().st_mtime_ns != before[1]
+    run("verify", out, "--against", src)
+
+
+CONVERT_AND_SAY_IF_TORCH = """
+import sys
+from reshard.cli import main
+sys.argv = ["reshard", "convert", *sys.argv[1:]]
+try:
+    main()
+finally:
+    print("torch imported:", "torch" in sys.modules)
+"""
+
+
+def convert_in_a_process(*args) -> tuple[str, bool]:
+    """`reshard convert ARGS` as a user runs it: (its output, whether it imported torch)."""
+    done = subprocess.run(
+        [sys.executable, "-c", CONVERT_AND_SAY_IF_TORCH, *map(str, args)],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout, done.stdout.rstrip().endswith("torch imported: True")
+
+
+def test_the_same_convert_again_needs_no_torch_and_anything_changed_goes_to_the_planner(tmp_path):
+    """The same command again answers "up to date" without importing torch (4-6 s on a GPU host)
+    and writes nothing. A rank file changed behind its back, even with its mtime put back, a
+    touched side file of the source, or another argument: the planner decides, as before."""
+    src = tmp_path / "src"
+    shutil.copytree(open_source_path("tiny:qwen3_moe"), src)
+    out = tmp_path / "out"
+    args = ("--src", src, "--layout", "ep2", "--out", out)
+    said, torch_imported = convert_in_a_process(*args)
+    assert "wrote 2 rank files" in said and torch_imported
+    files = sorted(p for p in out.iterdir() if p.is_file())
+    before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in files}
+
+    said, torch_imported = convert_in_a_process(*args)
+    assert "up to date" in said and not torch_imported, said
+    assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in files} == before
+
+    rank1 = out / "rank-00001-of-00002.safetensors"
+    original, st = rank1.read_bytes(), rank1.stat()
+    data_start, _ = header(rank1)
+    flip_byte(rank1, data_start + 100)
+    os.utime(rank1, ns=(st.st_atime_ns, st.st_mtime_ns))  # same size and mtime, new bytes
+    said, torch_imported = convert_in_a_process(*args)
+    assert "up to date" not in said and torch_imported
+    assert rank1.read_bytes() == original  # written again
+    assert "up to date" in convert_in_a_process(*args)[0]
+
+    (src / "tokenizer.json").touch()
+    assert "up to date" not in convert_in_a_process(*args)[0]
+    assert "up to date" in convert_in_a_process(*args)[0]
+    assert "up to date" not in convert_in_a_process(*args, "--dtype", "fp32")[0]
     run("verify", out, "--against", src)
 
 
