@@ -47,7 +47,10 @@ def finished(out: Path, asked: dict) -> dict | None:
         return None
     if not isinstance(done, dict) or done.get("request") != asked:
         return None
-    return done.get("summary") if done.get("out") == _stamps(out, "*") else None
+    summary = done.get("summary")
+    if not isinstance(summary, dict) or set(summary) != {"ranks", "bytes", "layout"}:
+        return None
+    return summary if done.get("out") == _stamps(out, "*") else None
 
 
 def record(out: Path, asked: dict, summary: dict) -> None:
