@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from reshard.errors import ReshardError
-from reshard.machine import share_malloc_arenas
+from reshard.machine import share_malloc_arenas, torchrun_processes
 
 # torch warns at import when numpy is absent; reshard never needs numpy, so the warning is noise.
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
@@ -161,7 +161,7 @@ def convert(
     limit = _size(max_file_size, "--max-file-size")
     # The same command again, nothing changed: answered before torch is imported.
     asked = None
-    if ranks is None and push_to_hub is None and "RANK" not in os.environ:
+    if ranks is None and push_to_hub is None and torchrun_processes() == 1:
         asked = up_to_date.request(src, layout, dtype, limit)
     if asked is not None and (done := up_to_date.finished(out, asked)) is not None:
         click.echo(

@@ -22,6 +22,7 @@ import re
 from dataclasses import asdict, dataclass
 
 from reshard.errors import ReshardError
+from reshard.machine import torchrun_processes
 from reshard.manifest import FileEntry, RankEntry
 from reshard.safetensors_header import shown
 
@@ -56,8 +57,8 @@ def parse_ranks(text: str, world: int) -> list[int]:
 
 def torchrun_part(world: int) -> Part | None:
     """This process's block of the `world` layout ranks when started by torchrun, else None."""
-    processes = int(os.environ.get("WORLD_SIZE", "1"))
-    if processes <= 1 or "RANK" not in os.environ:
+    processes = torchrun_processes()
+    if processes == 1:
         return None
     process = int(os.environ["RANK"])
     ranks = list(range(process * world // processes, (process + 1) * world // processes))

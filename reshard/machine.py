@@ -35,6 +35,12 @@ def linux_libc(name: str):
         return None
 
 
+def torchrun_processes() -> int:
+    """How many processes torchrun started this command as: 1 when it did not."""
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    return processes if processes > 1 and "RANK" in os.environ else 1
+
+
 M_ARENA_MAX = -8  # mallopt's parameter (malloc.h)
 
 
