@@ -46,6 +46,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from pathlib import Path
@@ -261,6 +262,35 @@ def print_table(rows: list[dict]) -> None:
         )
 
 
+def torch_start(n: int = 3, module: str = "torch") -> dict:
+    """`import torch` in a fresh interpreter (median of `n`), which every reshard and naive row
+    pays and `cp` does not, and whether torch's bytecode is cached. Where it is not (a host
+    with PYTHONDONTWRITEBYTECODE=1 and a torch installed without .pyc files), every import
+    compiles torch's source: 3.7-5 s on the 16-core host against 1.5-1.9 s compiled
+    (docs/benchmarks.md, sixteenth session). pip compiles at install, so users have it."""
+    import importlib.util
+
+    times = []
+    for _ in range(n):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-c", f"import {module}"], check=True)
+        times.append(time.perf_counter() - start)
+    origin = importlib.util.find_spec(module).origin
+    return {
+        "import_torch_s": statistics.median(times),
+        "bytecode_cached": Path(importlib.util.cache_from_source(origin)).is_file(),
+    }
+
+
+def print_start(start: dict) -> None:
+    print(f"import torch: {start['import_torch_s']:.1f} s (median), in every reshard row")
+    if not start["bytecode_cached"]:
+        print(
+            "  torch's bytecode is not cached here, so every import compiles it; as pip leaves "
+            "an install: python -m compileall -q " + str(Path(sysconfig.get_paths()["purelib"]))
+        )
+
+
 def synth(src: Path, layers: int) -> Path:
     if not (src / "config.json").exists():
         shutil.rmtree(src, ignore_errors=True)
@@ -382,6 +412,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace, work: Path) -> int:
     layouts = args.layouts.split(",")
+    start = torch_start()
+    print_start(start)
     if args.sizes:
         points = sweep(
             work, [int(x) for x in args.sizes.split(",")], layouts, args.rounds, args.drop_caches
@@ -403,7 +435,9 @@ def _run(args: argparse.Namespace, work: Path) -> int:
             ratio = f"{f['vs_cp_per_byte']:.2f}" if f["vs_cp_per_byte"] is not None else "-"
             print(f"| {f['row']} | {f['fixed_s']:.1f} | {f['s_per_gb']:.2f} | {ratio} |")
         if args.json:
-            args.json.write_text(json.dumps({"points": points, "fits": fits}, indent=2))
+            args.json.write_text(
+                json.dumps({"points": points, "fits": fits, "start": start}, indent=2)
+            )
         if args.plot:
             plot(points, args.plot, f"first conversion against cp, {os.cpu_count()} CPUs")
         return 0
@@ -415,7 +449,7 @@ def _run(args: argparse.Namespace, work: Path) -> int:
     )
     print_table(rows)
     if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "raw": results}, indent=2))
+        args.json.write_text(json.dumps({"rows": rows, "raw": results, "start": start}, indent=2))
     return 0
 
 

@@ -93,3 +93,28 @@ def test_the_fit_tells_the_cost_per_byte_from_the_cost_of_starting():
 def test_without_cp_there_is_no_ratio():
     fits = bench.per_byte(_points("reshard tp8", 1.0, 2.0, [1.0, 2.0]))
     assert fits[0]["s_per_gb"] == pytest.approx(2.0) and fits[0]["vs_cp_per_byte"] is None
+
+
+def test_the_start_row_says_when_torch_compiles_at_every_import(tmp_path, monkeypatch, capsys):
+    """A host with PYTHONDONTWRITEBYTECODE=1 and a torch installed without .pyc files compiled
+    torch at every import (3.7-5 s, inside every reshard row): the benchmark says so, and how
+    to compile it as pip does at install."""
+    import py_compile
+
+    package = tmp_path / "fake_torch_pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("x = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
+
+    start = bench.torch_start(1, module="fake_torch_pkg")
+    assert start["import_torch_s"] > 0 and start["bytecode_cached"] is False
+    bench.print_start(start)
+    assert "compileall" in capsys.readouterr().out
+
+    py_compile.compile(str(package / "__init__.py"))  # what pip does at install
+    start = bench.torch_start(1, module="fake_torch_pkg")
+    assert start["bytecode_cached"] is True
+    bench.print_start(start)
+    assert "compileall" not in capsys.readouterr().out
