@@ -95,7 +95,7 @@ def test_without_cp_there_is_no_ratio():
     assert fits[0]["s_per_gb"] == pytest.approx(2.0) and fits[0]["vs_cp_per_byte"] is None
 
 
-def test_the_start_row_says_when_torch_compiles_at_every_import(tmp_path, monkeypatch, capsys):
+def test_the_benchmark_says_when_torch_compiles_at_every_import(tmp_path, monkeypatch, capsys):
     """A host with PYTHONDONTWRITEBYTECODE=1 and a torch installed without .pyc files compiled
     torch at every import (3.7-5 s, inside every reshard row): the benchmark says so, and how
     to compile it as pip does at install."""

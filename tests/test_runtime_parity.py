@@ -45,8 +45,8 @@ COLLECTIVE_TIMEOUT_S = "180"  # no rank waits longer than this in a collective
 CONCURRENT_LAUNCHES = 2
 
 TINY = "tiny"
-# Decoded at tp2 against transformers by tests/test_runtime_batch.py (several prompts at once),
-# as qwen3_moe at tp2 is by HF_WRITTEN's tp2 case below: launches here cost CI minutes.
+# Decoded at tp2 against transformers, per prompt, by tests/test_runtime_batch.py: a launch
+# here would repeat it (each costs CI minutes).
 DECODED_IN_BATCH = {"llama4_text", "gpt_oss"}
 HF_WRITTEN = "hf-written"
 # Families beside qwen3_moe, each a checkpoint transformers writes (tests/helpers_families.py).
@@ -73,6 +73,7 @@ class Case:
 
 CASES = [
     Case(TINY, "tp1", ("transformers",), why="one rank: the worker starts without torchrun"),
+    # qwen3_moe at tp2 is HF_WRITTEN's tp2 case below (both references, and the decode).
     Case(TINY, "ep2", ("transformers",), why="pad rows: 13 prompt tokens, 1 per decode step"),
     Case(TINY, "ep2tp2", ("transformers",), why="experts: Shard(0) over ep, strided over tp"),
     Case(TINY, "tp4-tp2ep", ("transformers",), why="EP on the TP mesh, whole experts"),
@@ -85,23 +86,19 @@ CASES = [
     Case(HF_WRITTEN, "ep2", ("transformers",), generate=False),
     # 2 kv heads over tp4: every rank holds a repeated k/v head (4 ranks, where tiny needs tp8).
     Case(HF_WRITTEN, "tp4", ("transformers",), generate=False, why="tp > kv heads"),
+    # Each family decodes at tp2 and is validated at tp4-tp2ep, which splits its attention and
+    # dense layers over more ranks (CI time): decoding through EP on the TP mesh is
+    # tiny-tp4-tp2ep's.
+    *[Case(family, "tp2", ()) for family in FAMILIES if family not in DECODED_IN_BATCH],
     *[
-        case
-        for family in FAMILIES
-        for case in (
-            # Each family decodes at tp2 and is validated at tp4-tp2ep, which splits its
-            # attention and dense layers over more ranks (CI time): decoding through EP on
-            # the TP mesh is tiny-tp4-tp2ep's. Llama 4's and GPT-OSS's tp2 decodes are
-            # tests/test_runtime_batch.py's, against transformers per prompt.
-            *([Case(family, "tp2", ())] if family not in DECODED_IN_BATCH else []),
-            Case(
-                family,
-                "tp4-tp2ep",
-                ("transformers",),
-                generate=False,
-                why="shared experts beside EP on tp",
-            ),
+        Case(
+            family,
+            "tp4-tp2ep",
+            ("transformers",),
+            generate=False,
+            why="shared experts beside EP on tp",
         )
+        for family in FAMILIES
     ],
     # Experts cut over tp inside each ep group: only where a family stores its experts in its
     # own way (the others share qwen3_moe's [E, 2I, H] path, covered by tiny-ep2tp2 above).
