@@ -185,21 +185,27 @@ def convert(
         part = Part(ranks=parse_ranks(ranks, world))
     if part is not None and push_to_hub:
         raise ReshardError("--push-to-hub: upload once every rank is written (reshard upload)")
-    manifest = run_convert(
+    done = run_convert(
         plan, out, workers=workers, progress=_progress(quiet), overwrite=overwrite, part=part
     )
-    if manifest is None:
-        written = f"ranks {part.ranks[0]}-{part.ranks[-1]}" if part.ranks else "no ranks"
+    if done.manifest is None:
+        ranks = f"ranks {part.ranks[0]}-{part.ranks[-1]}" if part.ranks else "no ranks"
+        what = f"wrote {ranks}" if done.written else f"{ranks} were finished already, wrote none"
         later = "" if part.torchrun else "; the run that finishes the last rank writes the manifest"
-        click.echo(f"wrote {written} of {plan.layout.name} to {out}{later}")
+        click.echo(f"{what} of {plan.layout.name} to {out}{later}")
         return
+    manifest = done.manifest
     total = sum(r.bytes for r in manifest.ranks)
     if asked is not None:
         summary = {"ranks": manifest.world_size, "bytes": total, "layout": manifest.layout}
         up_to_date.record(out, asked, summary)
-    click.echo(
-        f"wrote {manifest.world_size} rank files ({human_bytes(total)}) for {manifest.layout} to {out}"
-    )
+    held = f"{manifest.world_size} rank files ({human_bytes(total)}) for {manifest.layout}"
+    if len(done.written) == manifest.world_size:
+        click.echo(f"wrote {held} to {out}")
+    elif not done.written and part is None:  # a Hub or built-in source, or a file touched
+        click.echo(f"every rank file was finished: {out} holds {held}; nothing written")
+    else:  # the rest by an earlier run, or by other processes of this one
+        click.echo(f"wrote {len(done.written)} of {held} to {out}; the others were finished")
     if push_to_hub:
         _upload(out, push_to_hub, private=False, revision=None, commit_message=None, quiet=quiet)
 

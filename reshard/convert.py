@@ -547,14 +547,14 @@ def convert(
     progress: bool = True,
     overwrite: bool = False,
     part: Part | None = None,
-) -> Manifest | None:
+) -> Converted:
     """Write every rank file, the side files, the model card and, last, the manifest.
 
     Safe to interrupt at any point: a re-run keeps the rank files that were
     finished and writes the rest; nothing looks finished before the manifest.
 
     With `part` (reshard.cluster) this process writes only `part.ranks`; the manifest
-    comes once every rank is written (returned by the process that wrote it, else None).
+    comes once every rank is written (in the result of the process that wrote it).
     """
     out = Path(out)
     world = plan.layout.world_size
@@ -574,14 +574,14 @@ def convert(
         try:
             with _locked(out, mine if part else None):
                 try:
-                    entries = _write_mine(plan, out, mine, names, workers, progress, part)
+                    entries, written = _write_mine(plan, out, mine, names, workers, progress, part)
                 finally:
                     _remove_temp_files(out, names if part else None)  # leave no temp files
             error = None
         except Exception as e:
             if exchange is None:
                 raise
-            entries, error = [], str(e)  # the peers must hear of it: gather raises on every one
+            entries, written, error = [], [], str(e)  # the peers must hear of it: gather raises
         if exchange is not None:
             done = {e.rank: e for e in exchange.gather(entries, error)}
             manifest = None
@@ -590,12 +590,12 @@ def convert(
             exchange.barrier()  # rank 0's manifest is there, on a shared --out
             if part.local == 0 and part.process != 0 and not (out / MANIFEST).exists():
                 manifest = write_manifest(plan, out, done)  # a node-local --out
-            return manifest
+            return Converted(manifest, written)
         if part is None:
-            return write_manifest(plan, out, {e.rank: e for e in entries})
+            return Converted(write_manifest(plan, out, {e.rank: e for e in entries}), written)
         # A --ranks run: the manifest, if every other rank is finished on disk too.
         done = {r: e for r in range(world) if (e := finished_entry(plan, r, out)) is not None}
-        return write_manifest(plan, out, done) if len(done) == world else None
+        return Converted(write_manifest(plan, out, done) if len(done) == world else None, written)
     finally:
         if exchange is not None:
             exchange.close()
@@ -609,8 +609,9 @@ def _write_mine(
     workers: int | None,
     progress: bool,
     part: Part | None,
-) -> list[RankEntry]:
-    """Under the lock: write the ranks in `mine` that are not finished already; their entries."""
+) -> tuple[list[RankEntry], list[int]]:
+    """Under the lock: write the ranks in `mine` that are not finished already. Every rank's
+    entry in `mine`, and the ranks written."""
     from tqdm.auto import tqdm
 
     _remove_temp_files(out, names if part else None)  # of killed runs
@@ -638,7 +639,17 @@ def _write_mine(
     with bar:
         for entry in write_ranks(plan, todo, out, workers=workers, on_bytes=bar.update):
             done[entry.rank] = entry
-    return [done[r] for r in mine]
+    return [done[r] for r in mine], todo
+
+
+@dataclass
+class Converted:
+    """What `convert` did: the manifest, where this process finished the checkpoint (else
+    None), and the ranks it wrote (the others were finished already, by an earlier run or
+    another process)."""
+
+    manifest: Manifest | None
+    written: list[int]
 
 
 def _processes_per_node(part: Part | None) -> int:
