@@ -124,23 +124,26 @@ def rounds(
 ) -> list[dict]:
     os.environ["RESHARD_CACHE"] = str(work / "cache")  # the hash cache the rows see
     hub = None
-    if not only:
+    if not only or any(name.endswith(HUB_ROW) for name in only):
         os.environ |= {"HF_HUB_CACHE": str(work / "hub"), "HF_HUB_OFFLINE": "1"}
         hub = hub_cache(src, work / "hub")
     results = []
     for r in range(n):
         groups = list(_groups(src, work, layouts, hub))
         random.Random(r).shuffle(groups)  # seeded: a rerun runs the same orders
-        for name, make in (row for group in groups for row in group):
-            if only and name not in only:
-                continue
-            out, cmd = make()
-            print(f"round {r + 1}/{n}: {name}", end="", file=sys.stderr, flush=True)
-            results.append(run_row(name, cmd, out, drop, src))
-            print(f"  {results[-1]['wall_s']:.1f} s", file=sys.stderr, flush=True)
-            # A conversion's output stays for the no-op and verify rows after it, if they run.
-            checked_after = not only or any(o.startswith(("no-op", "verify")) for o in only)
-            if not (name.startswith("reshard ") and not name.endswith(HUB_ROW) and checked_after):
+        for group in groups:
+            made = []
+            for name, make in group:
+                if only and name not in only:
+                    continue
+                out, cmd = make()
+                print(f"round {r + 1}/{n}: {name}", end="", file=sys.stderr, flush=True)
+                results.append(run_row(name, cmd, out, drop, src))
+                print(f"  {results[-1]['wall_s']:.1f} s", file=sys.stderr, flush=True)
+                made += [out] if out is not None else []
+            # A conversion's output stays for the no-op and verify rows of its group, no longer:
+            # with cp x2's copies, three kept at 8 layers overfilled the host's 64 GB disk.
+            for out in made:
                 shutil.rmtree(out, ignore_errors=True)
     return results
 
@@ -424,6 +427,10 @@ def main(argv: list[str] | None = None) -> int:
         help="parent of the scratch directory (removed at the end), on the disk to measure",
     )
     p.add_argument("--drop-caches", action="store_true", help="cold page cache (needs root)")
+    p.add_argument(
+        "--rows",
+        help="only these rows, by their names as printed: e.g. 'cp,cp x2,reshard tp8,verify tp8'",
+    )
     p.add_argument("--json", type=Path, help="also write the rows here")
     p.add_argument("--sizes", help="layer counts to sweep, e.g. 2,4,8 (cp, reshard, naive)")
     p.add_argument("--plot", type=Path, help="with --sizes: write the PNG here")
@@ -478,7 +485,10 @@ def _run(args: argparse.Namespace, work: Path) -> int:
             plot(points, args.plot, f"first conversion against cp, {os.cpu_count()} CPUs")
         return 0
     src = args.src or synth(work / "src", args.layers)
-    results = rounds(src, work, layouts, args.rounds, args.drop_caches)
+    only = tuple(args.rows.split(",")) if args.rows else ()
+    if only and "cp" not in only:
+        raise SystemExit("--rows: include cp, the floor every ratio is to")
+    results = rounds(src, work, layouts, args.rounds, args.drop_caches, only=only)
     rows = summarize(results, dir_bytes(src))
     print(
         f"source: {src} ({dir_bytes(src) / GB:.2f} GB), {os.cpu_count()} CPUs, {args.rounds} rounds"
