@@ -29,9 +29,9 @@ its first 4 GB or so at 0.45-0.9 GB/s and the rest at about 0.27 GB/s (docs/benc
 sixteenth session), so one copy of a 3.7 GB source stays fast and twice as many bytes do not:
 per byte of one copy, a row that writes 7.7 GB paid for the disk's slow part. "x cp per byte"
 is that older figure, (t / bytes) / (t_cp / bytes_cp). verify counts the bytes of the
-checkpoint it reads, a no-op the source's. Every row starts with the source in the page cache (read, untimed, before
-it), as in the issue's figures; `--drop-caches` (root) drops the cache before every command
-instead.
+checkpoint it reads, a no-op the source's. Every row starts with the source in the page cache
+(read, untimed, before it), as in the issue's figures; `--drop-caches` (root) drops the cache
+before every command instead. `--rows` runs only the rows it names.
 
 `--sizes 2,4,8 --plot convert.png` instead measures cp, a first conversion to each layout
 and the naive script (first layout only, where the machine has the memory it takes: about
