@@ -5,6 +5,8 @@ Oracles: the rows' names and the files left on disk; for the fit, points built o
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from helpers_cli import load_benchmark
 
@@ -14,15 +16,22 @@ bench = load_benchmark("convert")
 GB = 1e9
 
 
-def test_a_sweep_runs_exactly_the_rows_asked_and_leaves_no_output(tmp_path, monkeypatch):
-    """Rows are picked by their whole name ("reshard ep2" is not "reshard ep2tp2"), and with no
-    no-op or verify row to check it, every output is removed as soon as it is timed: a sweep
-    at 8 layers would otherwise keep 46 GB of conversions on the disk."""
+@pytest.fixture
+def tiny_and_work(tmp_path, monkeypatch) -> tuple[Path, Path]:
+    """A tiny source and an empty work directory, the rows' hash cache under tmp_path."""
     monkeypatch.setenv("RESHARD_CACHE", str(tmp_path / "unused"))
     src = tmp_path / "src"
     write_tiny_checkpoint("qwen3_moe", src)
     work = tmp_path / "work"
     work.mkdir()
+    return src, work
+
+
+def test_a_sweep_runs_exactly_the_rows_asked_and_leaves_no_output(tiny_and_work):
+    """Rows are picked by their whole name ("reshard ep2" is not "reshard ep2tp2"), and with no
+    no-op or verify row to check it, every output is removed as soon as it is timed: a sweep
+    at 8 layers would otherwise keep 46 GB of conversions on the disk."""
+    src, work = tiny_and_work
     only = ("cp", "reshard ep2")
     results = bench.rounds(src, work, ["ep2", "ep2tp2"], 2, False, only=only)
     rows = [r["row"] for r in results]
@@ -31,12 +40,8 @@ def test_a_sweep_runs_exactly_the_rows_asked_and_leaves_no_output(tmp_path, monk
     assert sorted(p.name for p in work.iterdir()) == ["cache"]  # the hash cache, emptied per row
 
 
-def test_a_conversion_is_kept_for_its_verify_row_then_removed(tmp_path, monkeypatch):
-    monkeypatch.setenv("RESHARD_CACHE", str(tmp_path / "unused"))
-    src = tmp_path / "src"
-    write_tiny_checkpoint("qwen3_moe", src)
-    work = tmp_path / "work"
-    work.mkdir()
+def test_a_conversion_is_kept_for_its_verify_row_then_removed(tiny_and_work):
+    src, work = tiny_and_work
     only = ("cp", "reshard ep2", "verify ep2")
     results = bench.rounds(src, work, ["ep2"], 1, False, only=only)
     ran = [r["row"] for r in results]
@@ -72,15 +77,22 @@ def test_each_round_shuffles_the_rows_and_a_conversion_is_checked_right_after_it
     assert len(before) > 1  # the row a first conversion follows varies
 
 
-def test_cp_x2_writes_two_copies_of_the_source(tmp_path, monkeypatch):
-    monkeypatch.setenv("RESHARD_CACHE", str(tmp_path / "unused"))
-    src = tmp_path / "src"
-    write_tiny_checkpoint("qwen3_moe", src)
-    work = tmp_path / "work"
-    work.mkdir()
+def test_cp_x2_writes_two_copies_of_the_source(tiny_and_work):
+    src, work = tiny_and_work
     results = bench.rounds(src, work, ["ep2"], 1, False, only=("cp", "cp x2"))
     written = {r["row"]: r["bytes_written"] for r in results}
     assert written["cp x2"] == 2 * written["cp"] == 2 * bench.dir_bytes(src)
+
+
+@pytest.mark.parametrize(
+    "rows, said",
+    [("cp,reshard tp9", "no row named 'reshard tp9'"), ("reshard tp8", "include cp")],
+)
+def test_rows_must_name_rows_of_the_run_and_cp(rows, said, capsys):
+    with pytest.raises(SystemExit) as stop:
+        bench.main(["--layouts", "tp8", "--rows", rows])
+    assert stop.value.code == 2
+    assert said in capsys.readouterr().err
 
 
 def _row(name: str, gb: float, *walls: float) -> list[dict]:

@@ -122,7 +122,7 @@ def test_torchrun_processes_split_the_ranks_into_a_shared_out(tmp_path, convert_
     proc = _torchrun(out, nproc=3, port=_free_port())
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr[-3000:]
-    assert "of 4 rank files" in stdout  # process 0 wrote the manifest
+    assert "wrote 1 of 4 rank files" in stdout  # process 0 of 3: rank 0 (then 1, then 2-3)
     _assert_same_checkpoint(out, convert_tiny(LAYOUT))
 
 
