@@ -440,6 +440,13 @@ def main(argv: list[str] | None = None) -> int:
             import matplotlib  # noqa: F401 - checked now, not after the whole sweep
         except ImportError:
             p.error("--plot needs matplotlib: pip install matplotlib")
+    if args.rows:
+        groups = _groups(Path(), Path(), args.layouts.split(","), HUB_REPO)  # names only
+        known = [name for group in groups for name, _ in group]
+        if "cp" not in args.rows.split(","):
+            p.error("--rows: include cp, the floor every ratio is to")
+        if unknown := [name for name in args.rows.split(",") if name not in known]:
+            p.error(f"--rows: no row named {', '.join(map(repr, unknown))}; rows: {known}")
     if args.src and not (args.src / "config.json").is_file():
         p.error(f"--src {args.src}: not a checkpoint directory (no config.json)")
     if args.work:
@@ -486,8 +493,6 @@ def _run(args: argparse.Namespace, work: Path) -> int:
         return 0
     src = args.src or synth(work / "src", args.layers)
     only = tuple(args.rows.split(",")) if args.rows else ()
-    if only and "cp" not in only:
-        raise SystemExit("--rows: include cp, the floor every ratio is to")
     results = rounds(src, work, layouts, args.rounds, args.drop_caches, only=only)
     rows = summarize(results, dir_bytes(src))
     print(
